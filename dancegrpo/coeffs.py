@@ -1,0 +1,205 @@
+"""Per-sample coefficients of one sampler step, written as an affine Gaussian.
+
+Every sampler DanceGRPO and its peers train with takes the form (SPEC section 1)
+
+    mean = a * x + b * v,        y = mean + std * eps,
+
+with one ``(a, b, std)`` per sample. The builders below turn a sampler's scalars (sigmas, or
+alpha-bars) into ``StepCoeffs`` so one log-prob kernel serves all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["StepCoeffs", "flow_sde_coeffs", "ddim_coeffs", "flow_schedule"]
+
+_VARIANTS = ("dance", "flow_grpo", "cps")
+
+
+def _as_f64(value, name: str) -> torch.Tensor:
+    """Scalar math runs in float64 (cheap, shape (B,)); results are stored as fp32."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise ValueError(f"{name} must be a scalar or a 1-D (B,) tensor, got shape {tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        return value.detach().to(torch.float64)
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+@dataclass(frozen=True)
+class StepCoeffs:
+    """The affine Gaussian step ``y = a*x + b*v + std*eps``, per sample.
+
+    ``a``, ``b``, ``std``: fp32 tensors of shape ``(B,)`` (shape ``()`` or ``(1,)`` broadcasts
+    over the batch). ``std == 0`` is allowed (a deterministic ODE step) but such a step has no
+    log-probability: ``step_logprob`` and ``sample_step`` reject it.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    std: torch.Tensor
+
+    def __post_init__(self):
+        fields = {}
+        for name in ("a", "b", "std"):
+            t = getattr(self, name)
+            if isinstance(t, (int, float)):
+                t = torch.tensor(float(t))
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"StepCoeffs.{name} must be a tensor, got {type(t).__name__}")
+            if t.dim() > 1:
+                raise ValueError(f"StepCoeffs.{name} must have shape (B,), got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"StepCoeffs.{name} must be floating point, got {t.dtype}")
+            fields[name] = t.detach().to(torch.float32).reshape(-1)
+        devices = {t.device for t in fields.values()}
+        if len(devices) > 1:
+            raise ValueError(f"StepCoeffs tensors must share one device, got {sorted(map(str, devices))}")
+        for name, t in fields.items():
+            object.__setattr__(self, name, t)
+        # Value checks sync once here (eager only) so the ops never have to.
+        min_std = None
+        if _eager():
+            for name, t in fields.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"StepCoeffs.{name} must be finite, got {t.tolist()}")
+            min_std = float(fields["std"].min()) if fields["std"].numel() else 0.0
+            if min_std < 0:
+                raise ValueError(f"StepCoeffs.std must be >= 0, got {fields['std'].tolist()}")
+        object.__setattr__(self, "_min_std", min_std)
+
+    @property
+    def batch(self) -> int:
+        return max(self.a.numel(), self.b.numel(), self.std.numel())
+
+    def expand(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a, b, std)`` as contiguous fp32 ``(batch,)`` tensors on ``device``."""
+        out = []
+        for name in ("a", "b", "std"):
+            t = getattr(self, name)
+            if t.numel() not in (1, batch):
+                raise ValueError(
+                    f"coeffs.{name} has {t.numel()} values but the batch has B={batch} samples; "
+                    f"expected shape ({batch},) or a scalar"
+                )
+            out.append(t.to(device=device, non_blocking=True).expand(batch).contiguous())
+        return tuple(out)
+
+    def check_positive_std(self, op: str) -> None:
+        if self._min_std is not None and self._min_std <= 0:
+            raise ValueError(
+                f"{op}: coeffs.std must be > 0 for a log-probability (got min std {self._min_std}); "
+                "an ODE step (eta = 0) has no log-prob"
+            )
+
+    def to(self, device) -> StepCoeffs:
+        return StepCoeffs(self.a.to(device), self.b.to(device), self.std.to(device))
+
+    def __getitem__(self, index) -> StepCoeffs:
+        """Select samples, e.g. ``coeffs[idx]`` for a minibatch (scalars stay scalars)."""
+        pick = lambda t: t if t.numel() == 1 else t[index]
+        return StepCoeffs(pick(self.a), pick(self.b), pick(self.std))
+
+
+def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max=None) -> StepCoeffs:
+    """Rectified-flow SDE step from ``sigma`` to ``sigma_next < sigma`` (SPEC section 1).
+
+    variant:
+      ``"dance"``      DanceGRPO: g = eta.
+      ``"flow_grpo"``  Flow-GRPO: g = eta * sqrt(sigma / (1 - sigma)); where sigma == 1 the
+                       denominator uses ``sigma_max`` (Flow-GRPO passes the schedule's next
+                       sigma, ``sigmas[1]``), which is then required.
+      ``"cps"``        Flow-GRPO coefficients-preserving sampling: std = sigma' sin(eta pi / 2).
+
+    Then (Euler-Maruyama of dx = (v - g^2/2 score) dt + g dw, score = -(x + (1-sigma) v)/sigma):
+        a = 1 + g^2 d / (2 sigma);  b = d (1 + g^2 (1 - sigma) / (2 sigma));  std = g sqrt(-d)
+    with d = sigma_next - sigma. ``eta = 0`` gives the ODE step (std = 0).
+    """
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
+    s = _as_f64(sigma, "sigma")
+    sn = _as_f64(sigma_next, "sigma_next")
+    e = _as_f64(eta, "eta")
+    if _eager():
+        if not bool(((s > 0) & (s <= 1)).all()):
+            raise ValueError(f"sigma must lie in (0, 1], got {s.tolist()}")
+        if not bool(((sn >= 0) & (sn < s)).all()):
+            raise ValueError(f"sigma_next must lie in [0, sigma), got sigma_next={sn.tolist()} sigma={s.tolist()}")
+        if not bool((e >= 0).all()):
+            raise ValueError(f"eta must be >= 0, got {e.tolist()}")
+    d = sn - s
+    if variant == "cps":
+        std = sn * torch.sin(e * math.pi / 2)
+        c = torch.sqrt(torch.clamp(sn * sn - std * std, min=0.0))
+        # mean = (1 - s') (x - s v) + c (x + (1 - s) v)
+        a = (1 - sn) + c
+        b = -(1 - sn) * s + c * (1 - s)
+        return StepCoeffs(a.float(), b.float(), std.float())
+    if variant == "dance":
+        g = e.expand_as(s) if e.dim() < s.dim() else e
+    else:
+        at_one = s >= 1
+        if _eager() and bool(at_one.any()) and sigma_max is None:
+            raise ValueError(
+                "variant='flow_grpo' at sigma == 1 needs sigma_max (the schedule's next sigma, "
+                "used in the denominator of sqrt(sigma / (1 - sigma)))"
+            )
+        denom_sigma = torch.where(at_one, _as_f64(sigma_max if sigma_max is not None else 0.0, "sigma_max"), s)
+        if _eager() and not bool((denom_sigma < 1).all()):
+            raise ValueError(f"sigma_max must be < 1, got {sigma_max}")
+        g = e * torch.sqrt(s / (1 - denom_sigma))
+    a = 1 + g * g * d / (2 * s)
+    b = d * (1 + g * g * (1 - s) / (2 * s))
+    std = g * torch.sqrt(-d)
+    return StepCoeffs(a.float(), b.float(), std.float())
+
+
+def ddim_coeffs(alpha_bar, alpha_bar_prev, eta) -> StepCoeffs:
+    """DDIM step with noise ``eta`` for an epsilon-prediction model (SPEC section 1).
+
+    x0 = (x - sqrt(1 - ab) eps) / sqrt(ab);  std = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab')
+    mean = sqrt(ab') x0 + sqrt(1 - ab' - std^2) eps, i.e. a = sqrt(ab' / ab) and
+    b = sqrt(1 - ab' - std^2) - sqrt(ab') sqrt(1 - ab) / sqrt(ab).
+    """
+    ab = _as_f64(alpha_bar, "alpha_bar")
+    abp = _as_f64(alpha_bar_prev, "alpha_bar_prev")
+    e = _as_f64(eta, "eta")
+    if _eager():
+        if not bool(((ab > 0) & (ab < 1)).all()):
+            raise ValueError(f"alpha_bar must lie in (0, 1), got {ab.tolist()}")
+        if not bool(((abp > 0) & (abp <= 1)).all()):
+            raise ValueError(f"alpha_bar_prev must lie in (0, 1], got {abp.tolist()}")
+        if not bool((abp >= ab).all()):
+            raise ValueError("alpha_bar_prev must be >= alpha_bar (a step goes towards the data)")
+        if not bool((e >= 0).all()):
+            raise ValueError(f"eta must be >= 0, got {e.tolist()}")
+    var = (1 - abp) / (1 - ab) * (1 - ab / abp)
+    std = e * torch.sqrt(torch.clamp(var, min=0.0))
+    a = torch.sqrt(abp / ab)
+    b = torch.sqrt(torch.clamp(1 - abp - std * std, min=0.0)) - torch.sqrt(abp) * torch.sqrt(1 - ab) / torch.sqrt(ab)
+    return StepCoeffs(a.float(), b.float(), std.float())
+
+
+def flow_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``sigma_i = shift(1 - i/N)`` for i = 0..N with ``shift(t) = s t / (1 + (s - 1) t)``.
+
+    Returns float64 ``(num_steps + 1,)`` from 1 down to 0 (s = 3 FLUX/Wan, 5 HunyuanVideo,
+    7 SkyReels).
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = 1 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    return shift * t / (1 + (shift - 1) * t)
