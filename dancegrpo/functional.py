@@ -97,10 +97,10 @@ def group_advantages(rewards, group_size, *, weights=None, std="group", unbiased
     check.tensor(op, "rewards", rewards)
     if rewards.dim() not in (1, 2):
         raise ValueError(f"{op}: rewards must have shape (B,) or (B, K), got {tuple(rewards.shape)}")
+    if rewards.numel() == 0:
+        raise ValueError(f"{op}: rewards is empty (shape {tuple(rewards.shape)})")
     r = rewards.detach().reshape(rewards.shape[0], -1)
     batch, k = r.shape
-    if batch == 0 or k == 0:
-        raise ValueError(f"{op}: rewards is empty (shape {tuple(rewards.shape)})")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"{op}: group_size must be a positive int, got {group_size!r}")
     if batch % group_size:
