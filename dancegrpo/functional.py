@@ -108,7 +108,8 @@ def group_advantages(rewards, group_size, *, weights=None, std="group", unbiased
     check.choice(op, "std", std, STD_MODES)
     check.choice(op, "aggregate", aggregate, AGGREGATES)
     check.choice(op, "nan_policy", nan_policy, ("raise", "drop"))
-    eps = check.nonneg_float(op, "eps", eps)
+    # eps > 0 keeps a constant group at 0 / (0 + eps) = 0 rather than 0 / 0.
+    eps = check.nonneg_float(op, "eps", eps, positive=std != "none")
     if clip is not None:
         clip = check.nonneg_float(op, "clip", clip, positive=True)
     if not isinstance(unbiased, bool):

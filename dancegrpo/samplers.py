@@ -1,0 +1,232 @@
+"""Samplers: the scalar side of a rollout (SPEC section 1).
+
+A sampler turns a step index ``i`` (from ``i`` to ``i + 1``, ``i = 0..num_steps-1``) into
+
+* ``model_timesteps(i)``: what the network is fed at step ``i`` (flow: 1000 sigma_i; DDIM: the
+  DDPM step t_i),
+* ``coeffs(i, batch)``: the stochastic step as an affine Gaussian ``y = a x + b v + std eps``,
+* ``ode_step(i, x, v)``: the deterministic step (eta = 0), used outside a training window,
+* ``x0(i, x, v)``: the clean-sample prediction that is decoded and scored.
+
+Both samplers expose the same methods, so the trainer never branches on the model family.
+``i`` may be an int (every sample at the same step) or a (B,) integer tensor (one step per
+sample, as in a training minibatch that mixes timesteps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .coeffs import StepCoeffs, ddim_coeffs, flow_schedule, flow_sde_coeffs
+
+__all__ = ["FlowSampler", "DDIMSampler", "scaled_linear_alphas_cumprod", "build_sampler"]
+
+_FLOW_VARIANTS = ("dance", "flow_grpo", "cps")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_eta(eta) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+    return float(eta)
+
+
+def _broadcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) or () per-sample scalars -> shape (B, 1, 1, ...) for ``like`` (B, ...)."""
+    t = t.to(device=like.device, dtype=torch.float32)
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class _Sampler:
+    """Shared plumbing; subclasses fill ``_table`` with per-step float64 rows."""
+
+    num_steps: int
+    prediction: str
+
+    def _index(self, i) -> torch.Tensor:
+        """Step index as a long tensor (shape () or (B,)), range-checked."""
+        if isinstance(i, torch.Tensor):
+            if i.dtype not in (torch.int32, torch.int64) or i.dim() > 1:
+                raise TypeError(f"step index must be an int or a (B,) integer tensor, got {i.dtype} {tuple(i.shape)}")
+            idx = i.detach().to("cpu", torch.long)
+        elif isinstance(i, int) and not isinstance(i, bool):
+            idx = torch.tensor(i, dtype=torch.long)
+        else:
+            raise TypeError(f"step index must be an int or a (B,) integer tensor, got {type(i).__name__}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_steps):
+            raise ValueError(f"step index must lie in [0, {self.num_steps}), got {idx.tolist()}")
+        return idx
+
+    @staticmethod
+    def _per_sample(values: torch.Tensor, batch: int | None) -> torch.Tensor:
+        if batch is None or values.dim() == 1:
+            return values
+        return values.expand(batch)
+
+    def is_stochastic(self, i: int) -> bool:
+        """Whether step ``i`` has noise (std > 0) and so a log-probability to train."""
+        return bool(self.coeffs(i).std.min() > 0)
+
+    def ode_step(self, i, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The deterministic step (the sampler with eta = 0): ``y = a0 x + b0 v``, in x's dtype."""
+        c = self.ode_coeffs(i)
+        y = _broadcast(c.a, x) * x.float() + _broadcast(c.b, x) * v.float()
+        return y.to(x.dtype)
+
+
+class FlowSampler(_Sampler):
+    """Rectified-flow sampler: Euler-Maruyama SDE (DanceGRPO / Flow-GRPO / CPS) or Euler ODE.
+
+    sigmas from :func:`dancegrpo.flow_schedule` (``num_steps + 1`` values, 1 -> 0). The model
+    predicts the velocity ``v``; ``x0 = x - sigma v``; the ODE step is ``y = x + (sigma' - sigma) v``.
+    """
+
+    prediction = "velocity"
+
+    def __init__(self, num_steps: int, shift: float = 1.0, eta: float = 0.3, variant: str = "dance"):
+        self.num_steps = _check_int("num_steps", num_steps)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+            raise ValueError(f"shift must be a float > 0, got {shift!r}")
+        self.shift = float(shift)
+        self.eta = _check_eta(eta)
+        if variant not in _FLOW_VARIANTS:
+            raise ValueError(f"variant must be one of {_FLOW_VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.sigmas = flow_schedule(self.num_steps, self.shift)  # float64 (N + 1,)
+        # Scalar work is done once here: one (a, b, std) row per step, for the SDE and the ODE.
+        s, sn = self.sigmas[:-1], self.sigmas[1:]
+        # Flow-GRPO at sigma = 1 uses the schedule's next sigma in sqrt(sigma / (1 - sigma)).
+        sigma_max = float(self.sigmas[1]) if variant == "flow_grpo" else None
+        self._sde = flow_sde_coeffs(s, sn, self.eta, variant=variant, sigma_max=sigma_max)
+        self._ode = flow_sde_coeffs(s, sn, 0.0)
+
+    def model_timesteps(self, i, batch: int | None = None) -> torch.Tensor:
+        """fp32 ``1000 * sigma_i``, shape () for an int ``i`` (or (batch,)), (B,) for a tensor."""
+        return self._per_sample((1000.0 * self.sigmas[self._index(i)]).float(), batch)
+
+    def sigma(self, i) -> torch.Tensor:
+        """float64 sigma_i at step ``i``."""
+        return self.sigmas[self._index(i)]
+
+    def coeffs(self, i, batch: int | None = None) -> StepCoeffs:
+        """The SDE step ``i -> i + 1`` as per-sample ``StepCoeffs`` ((batch,) fields)."""
+        idx = self._index(i)
+        pick = lambda t: self._per_sample(t[idx], batch)
+        return StepCoeffs(pick(self._sde.a), pick(self._sde.b), pick(self._sde.std))
+
+    def ode_coeffs(self, i, batch: int | None = None) -> StepCoeffs:
+        idx = self._index(i)
+        pick = lambda t: self._per_sample(t[idx], batch)
+        return StepCoeffs(pick(self._ode.a), pick(self._ode.b), pick(self._ode.std))
+
+    def x0(self, i, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Clean prediction ``x - sigma_i v`` (what DanceGRPO decodes and scores), in x's dtype."""
+        s = self.sigmas[self._index(i)].float()
+        return (x.float() - _broadcast(s, x) * v.float()).to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"FlowSampler(num_steps={self.num_steps}, shift={self.shift}, eta={self.eta}, variant={self.variant!r})"
+
+
+def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                                 beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion 1.x's "scaled_linear" schedule: betas linear in sqrt space.
+
+    Returns float64 alpha-bar, shape (num_train_timesteps,).
+    """
+    _check_int("num_train_timesteps", num_train_timesteps, 2)
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+class DDIMSampler(_Sampler):
+    """DDIM with noise ``eta`` for an epsilon-prediction model (SPEC section 1).
+
+    alphas_cumprod: (T,) alpha-bar of the training schedule (e.g. 1000 steps). Timesteps use
+    "leading" spacing ``t_i = (num_steps - 1 - i) * (T // num_steps) + steps_offset`` (SD 1.x:
+    steps_offset = 1); the step goes to ``t_i - T // num_steps``, whose alpha-bar is
+    ``final_alpha_cumprod`` (default alpha-bar[0], SD's ``set_alpha_to_one=False``) below 0.
+    """
+
+    prediction = "epsilon"
+
+    def __init__(self, alphas_cumprod, num_steps: int = 50, eta: float = 1.0, steps_offset: int = 1,
+                 final_alpha_cumprod: float | None = None):
+        self.num_steps = _check_int("num_steps", num_steps)
+        self.eta = _check_eta(eta)
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        if ab.dim() != 1 or ab.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D tensor of length >= 2, got shape {tuple(ab.shape)}")
+        if not bool(((ab > 0) & (ab < 1)).all()) or not bool((ab[1:] <= ab[:-1]).all()):
+            raise ValueError("alphas_cumprod must lie in (0, 1) and be non-increasing")
+        total = ab.numel()
+        if self.num_steps > total:
+            raise ValueError(f"num_steps={num_steps} exceeds the {total} training timesteps of alphas_cumprod")
+        _check_int("steps_offset", steps_offset, 0)
+        ratio = total // self.num_steps
+        ts = (torch.arange(self.num_steps - 1, -1, -1, dtype=torch.long) * ratio + steps_offset).clamp(max=total - 1)
+        prev = ts - ratio
+        final = float(ab[0]) if final_alpha_cumprod is None else float(final_alpha_cumprod)
+        if not 0 < final <= 1:
+            raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {final}")
+        self.alphas_cumprod = ab
+        self.timesteps = ts
+        self.ab_t = ab[ts]
+        self.ab_prev = torch.where(prev >= 0, ab[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
+        self._sde = ddim_coeffs(self.ab_t, self.ab_prev, self.eta)
+        self._ode = ddim_coeffs(self.ab_t, self.ab_prev, 0.0)
+
+    def model_timesteps(self, i, batch: int | None = None) -> torch.Tensor:
+        """fp32 DDPM step t_i (what an SD UNet is fed)."""
+        return self._per_sample(self.timesteps[self._index(i)].float(), batch)
+
+    def coeffs(self, i, batch: int | None = None) -> StepCoeffs:
+        idx = self._index(i)
+        pick = lambda t: self._per_sample(t[idx], batch)
+        return StepCoeffs(pick(self._sde.a), pick(self._sde.b), pick(self._sde.std))
+
+    def ode_coeffs(self, i, batch: int | None = None) -> StepCoeffs:
+        idx = self._index(i)
+        pick = lambda t: self._per_sample(t[idx], batch)
+        return StepCoeffs(pick(self._ode.a), pick(self._ode.b), pick(self._ode.std))
+
+    def x0(self, i, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(x - sqrt(1 - ab_t) eps) / sqrt(ab_t)``, in x's dtype."""
+        ab = self.ab_t[self._index(i)]
+        sa, s1 = _broadcast(ab.sqrt(), x), _broadcast((1 - ab).sqrt(), x)
+        return ((x.float() - s1 * v.float()) / sa).to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"DDIMSampler(num_steps={self.num_steps}, eta={self.eta}, T={self.alphas_cumprod.numel()})"
+
+
+def build_sampler(kind: str, model=None, *, num_steps: int, eta: float, shift: float = 1.0,
+                  variant: str = "dance", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                  beta_end: float = 0.012, steps_offset: int = 1):
+    """A sampler from config values. ``kind="auto"`` follows ``model.prediction`` (velocity ->
+    flow, epsilon -> DDIM). DDIM uses ``model.alphas_cumprod`` when the model has one, else the
+    scaled-linear schedule from ``beta_start``/``beta_end``."""
+    prediction = getattr(model, "prediction", None)
+    if kind == "auto":
+        if prediction not in ("velocity", "epsilon"):
+            raise ValueError(f"sampler kind 'auto' needs model.prediction 'velocity' or 'epsilon', got {prediction!r}")
+        kind = "flow" if prediction == "velocity" else "ddim"
+    if kind == "flow":
+        sampler = FlowSampler(num_steps, shift=shift, eta=eta, variant=variant)
+    elif kind == "ddim":
+        ab = getattr(model, "alphas_cumprod", None)
+        if ab is None:
+            ab = scaled_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+        sampler = DDIMSampler(ab, num_steps, eta, steps_offset=steps_offset)
+    else:
+        raise ValueError(f"sampler kind must be 'auto', 'flow' or 'ddim', got {kind!r}")
+    if prediction is not None and prediction != sampler.prediction:
+        raise ValueError(f"model predicts {prediction!r} but the {kind!r} sampler expects {sampler.prediction!r}")
+    return sampler

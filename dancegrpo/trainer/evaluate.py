@@ -1,0 +1,86 @@
+"""Generating with a policy, and scoring it on held-out prompts (``dancegrpo sample`` / ``eval``).
+
+Generation reuses the rollout sampler (one implementation of the sampling loop): ``mode="ode"``
+is the deterministic sampler (eta = 0 everywhere), ``mode="sde"`` the training sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .rollout import collect_rollout
+from .scoring import WeightedReward, score_samples
+
+__all__ = ["generate", "evaluate_policy", "best_of_n"]
+
+
+def generate(model, sampler, items: Sequence, *, samples_per_prompt: int = 1, mode: str = "ode", seed: int = 0,
+             device="cpu", batch_size: int = 32, mixed_precision: str = "no", backend: str = "auto"):
+    """Samples for each prompt item: ``(samples (B, 3, [T,] H, W) in [0, 1], prompts (B,))``,
+    B = len(items) * samples_per_prompt, each prompt's samples contiguous. Deterministic in
+    ``seed``; every sample has its own initial noise."""
+    if mode not in ("ode", "sde"):
+        raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(int(seed))
+    if mode == "ode":
+        mask = torch.zeros(sampler.num_steps, dtype=torch.bool)
+    else:
+        mask = torch.tensor([sampler.is_stochastic(i) for i in range(sampler.num_steps)])
+    per_call = max(1, batch_size // samples_per_prompt)
+    outs, prompts = [], []
+    for start in range(0, len(items), per_call):
+        chunk = list(items[start:start + per_call])
+        r = collect_rollout(model, sampler, chunk, samples_per_prompt, mask, gen, device=device, share_noise=False,
+                            mixed_precision=mixed_precision, decode="x0", backend=backend)
+        outs.append(r.samples)
+        prompts += r.prompts
+    return torch.cat(outs), prompts
+
+
+def evaluate_policy(model, sampler, items: Sequence, rewards: Sequence[WeightedReward], **gen_kwargs) -> dict:
+    """Reward statistics of a policy on ``items``: reward_mean (weighted sum of the rewards),
+    per-reward mean/std, ``correct_rate`` for rewards that offer ``correct``, dropped count."""
+    samples, prompts = generate(model, sampler, items, **gen_kwargs)
+    scored = score_samples(rewards, samples, prompts)
+    r, valid = scored.rewards, scored.valid
+    w = torch.tensor([rw.weight for rw in rewards])
+    total = (r[valid] * w).sum(1)
+    out = {
+        "reward_mean": float(total.mean()) if total.numel() else float("nan"),
+        "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "num_samples": int(r.shape[0]),
+        "num_prompts": len(items),
+        "dropped": int((~valid).sum()),
+    }
+    for k, rw in enumerate(rewards):
+        col = r[:, k][torch.isfinite(r[:, k])]
+        out[f"reward_{rw.name}_mean"] = float(col.mean()) if col.numel() else float("nan")
+        out[f"reward_{rw.name}_std"] = float(col.std()) if col.numel() > 1 else 0.0
+        correct = getattr(rw.fn, "correct", None)
+        if callable(correct):
+            c = torch.as_tensor(correct(samples, list(prompts))).reshape(-1).bool().cpu()
+            key = "correct_rate" if "correct_rate" not in out else f"correct_rate_{rw.name}"
+            out[key] = float(c.float().mean())
+    if scored.errors:
+        out["errors"] = scored.errors
+    return out
+
+
+def best_of_n(samples: torch.Tensor, prompts: Sequence[str], k: int, reward: WeightedReward | None):
+    """Best-of-k: in each run of ``k`` consecutive samples (same prompt) keep the one ``reward``
+    scores highest. Returns ``(samples, prompts, scores)``; with ``k == 1`` or no reward
+    everything is kept (scores None without a reward)."""
+    if reward is None:
+        return samples, list(prompts), None
+    scores = score_samples([reward], samples, prompts).rewards[:, 0]
+    if k <= 1:
+        return samples, list(prompts), scores
+    if samples.shape[0] % k:
+        raise ValueError(f"best-of-{k} needs a multiple of {k} samples, got {samples.shape[0]}")
+    keep = [g * k + int(scores[g * k:(g + 1) * k].nan_to_num(float("-inf")).argmax())
+            for g in range(samples.shape[0] // k)]
+    idx = torch.tensor(keep)
+    return samples[idx.to(samples.device)], [prompts[i] for i in keep], scores[idx]

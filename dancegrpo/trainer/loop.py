@@ -1,0 +1,305 @@
+"""The GRPO training loop; ``Trainer.train_step`` reads like SPEC.md section 5.
+
+    1. roll out G samples for each of P prompts with the SDE sampler (eval mode, no grad)
+    2. decode, score with the reward models, group-normalised advantages
+    3. pick the training timesteps
+    4. for each (sample, chosen step): forward with grad, clipped-ratio loss, accumulate
+    5. clip the gradient, AdamW (optional EMA)
+
+Everything random comes from two generators the trainer owns (noise on the model's device;
+data: prompts, timestep choice, shuffling, on CPU) plus torch's global RNG (dropout), all
+saved in checkpoints, so a resumed run repeats the uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..functional import group_advantages
+from ..rewards.registry import build_dataset
+from .checkpoint import CheckpointManager, capture_rng, restore_rng
+from .config import ConfigError, TrainConfig, config_to_dict, save_config
+from .ema import EMA
+from .evaluate import generate
+from .images import save_grid, save_reward_curve
+from .logs import MetricsLogger, peak_memory_mb, read_metrics
+from .lora import reference_predictor
+from .policy import (
+    build_policy,
+    build_run_sampler,
+    load_model_state,
+    resolve_device,
+    trainable_state,
+)
+from .rollout import collect_rollout
+from .scoring import WeightedReward, build_rewards, score_samples
+from .timesteps import TimestepSelector
+from .update import Updater
+
+__all__ = ["Trainer", "train", "select_best_of_k"]
+
+log = logging.getLogger("dancegrpo.trainer")
+
+
+def select_best_of_k(advantages: torch.Tensor, valid: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """Indices of the top-k and bottom-k valid samples of each group by advantage (all valid
+    members when a group has fewer than 2k). advantages, valid: (B,). Returns sorted (M,) long."""
+    keep = []
+    for g in range(advantages.numel() // group_size):
+        members = torch.arange(g * group_size, (g + 1) * group_size)
+        members = members[valid[members]]
+        if members.numel() <= 2 * k:
+            keep.append(members)
+            continue
+        order = members[advantages[members].argsort(descending=True, stable=True)]
+        keep += [order[:k], order[-k:]]
+    return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.long)
+
+
+class Trainer:
+    """A GRPO run. Objects passed in (model, rewards, dataset) replace the config's registry names,
+    which is how tests and notebooks plug in their own pieces; the config still drives the rest.
+
+    rewards: a list of callables or ``WeightedReward`` (callables get weight 1).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, model=None, rewards=None, dataset=None):
+        self.cfg = cfg.validate()
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        self.model = build_policy(cfg, self.device, model)
+        self.sampler = build_run_sampler(cfg, self.model)
+        stochastic = torch.tensor([self.sampler.is_stochastic(i) for i in range(self.sampler.num_steps)])
+        t = cfg.timesteps
+        self.selector = TimestepSelector(t.strategy, stochastic, fraction=t.fraction, window_size=t.window_size,
+                                         window_stride=t.window_stride, window_shift_every=t.window_shift_every)
+        self.dataset = dataset if dataset is not None else build_dataset(
+            cfg.data.name, split=cfg.data.train_split, **cfg.data.kwargs)
+        if rewards is None:
+            self.rewards = build_rewards(cfg.rewards)
+        else:
+            self.rewards = [r if isinstance(r, WeightedReward) else WeightedReward(r, 1.0, getattr(r, "name", f"r{i}"))
+                            for i, r in enumerate(rewards)]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameter (requires_grad is False everywhere)")
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
+                                           weight_decay=o.weight_decay)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.ema = EMA(named, o.ema_decay) if o.ema_decay > 0 else None
+        ref = reference_predictor(self.model, cfg.lora.enabled) if cfg.loss.kl_beta > 0 else None
+        self.updater = Updater(self.model, self.params, self.optimizer, train_batch_size=o.train_batch_size,
+                               accumulation=o.gradient_accumulation_steps, max_grad_norm=o.max_grad_norm,
+                               clip_range=cfg.loss.clip_range, clip_range_high=cfg.loss.clip_range_high,
+                               kl_beta=cfg.loss.kl_beta, ref_predict=ref, ema=self.ema,
+                               mixed_precision=cfg.mixed_precision, update_mode=cfg.update_mode,
+                               ratio_tolerance=cfg.ratio_tolerance, backend=cfg.loss.backend, device=self.device)
+        self.generators = {
+            "noise": torch.Generator(self.device).manual_seed(cfg.seed * 1000 + 1),
+            "data": torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 2),
+        }
+        self.step = 0
+        self.skipped_total = 0
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.resumed_from = None
+        if cfg.resume:
+            self._resume()
+        elif self.checkpoints.step_dirs():
+            raise ConfigError(f"output_dir {str(self.out)!r} already holds checkpoints of a run: pass resume=true to "
+                              "continue it, or choose another output_dir")
+        save_config(cfg, self.out / "config.yaml")
+
+    # ------------------------------------------------------------------ one iteration
+
+    def train_step(self) -> dict:
+        cfg, P, G = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size
+        t0 = time.perf_counter()
+        # 1. rollouts: G samples of each of P prompts, noise shared within a group
+        items = self.dataset.sample(P, generator=self.generators["data"])
+        sde_mask = self.selector.sde_mask(self.step)
+        rollout = collect_rollout(self.model, self.sampler, items, G, sde_mask, self.generators["noise"],
+                                  device=self.device, share_noise=cfg.rollout.share_noise, chunk=cfg.rollout.batch_size,
+                                  store_on_cpu=cfg.rollout.store_on_cpu, mixed_precision=cfg.mixed_precision,
+                                  decode=cfg.rollout.decode, backend=cfg.loss.backend)
+        t1 = time.perf_counter()
+        # 2. rewards (a failing sample is dropped: NaN) and group-normalised advantages
+        scored = score_samples(self.rewards, rollout.samples, rollout.prompts)
+        a = cfg.advantage
+        weights = torch.tensor([r.weight for r in self.rewards])
+        adv = group_advantages(scored.rewards, G, weights=weights, std=a.std, unbiased=a.unbiased, eps=a.eps,
+                               clip=a.clip, aggregate=a.aggregate, nan_policy="drop", backend=cfg.loss.backend)
+        valid = scored.valid
+        train_idx = (select_best_of_k(adv, valid, G, a.best_of_k) if a.best_of_k > 0
+                     else valid.nonzero().flatten())
+        t2 = time.perf_counter()
+        # 3-5. timesteps, per-(sample, step) clipped loss, accumulate, clip, AdamW, EMA
+        if train_idx.numel() > 0:
+            train = rollout if train_idx.numel() == rollout.batch else rollout.select(train_idx)
+            steps = self.selector.choose(sde_mask, train.batch, self.generators["data"])
+            stats = self.updater.run(train, adv[train_idx], steps, self.generators["data"]).summary()
+        else:
+            log.warning("every sample of this rollout was dropped by the rewards: no update this step")
+            stats, steps = {"skipped": 1, "optimizer_steps": 0}, torch.zeros(0, 0)
+        t3 = time.perf_counter()
+        self.skipped_total += stats["skipped"]
+        return self._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), rollout.batch)
+
+    def _metrics(self, scored, weights, adv, valid, train_idx, steps, stats, times, batch) -> dict:
+        r = scored.rewards
+        total = (r[valid] * weights).sum(1)
+        m = {
+            "reward_mean": float(total.mean()) if total.numel() else float("nan"),
+            "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        }
+        for k, rw in enumerate(self.rewards):
+            col = r[:, k][torch.isfinite(r[:, k])]
+            m[f"reward_{rw.name}_mean"] = float(col.mean()) if col.numel() else float("nan")
+            m[f"reward_{rw.name}_std"] = float(col.std()) if col.numel() > 1 else 0.0
+        av = adv[valid]
+        m.update({
+            "adv_mean": float(av.mean()) if av.numel() else float("nan"),
+            "adv_std": float(av.std()) if av.numel() > 1 else 0.0,
+            "adv_abs_max": float(av.abs().max()) if av.numel() else float("nan"),
+            "adv_zero_frac": float((av == 0).float().mean()) if av.numel() else float("nan"),
+            "dropped": int((~valid).sum()),
+            "trained_samples": int(train_idx.numel()),
+            "trained_steps": int(steps.shape[1]) if steps.dim() == 2 else 0,
+        })
+        for key in ("loss", "clip_fraction", "approx_kl", "ratio_mean", "ratio_first_update", "grad_norm", "kl"):
+            if key in stats:
+                m[key] = stats[key]
+        m.setdefault("loss", float("nan"))
+        m.setdefault("ratio_first_update", float("nan"))
+        m.setdefault("clip_fraction", float("nan"))
+        m.setdefault("grad_norm", float("nan"))
+        t0, t1, t2, t3 = times
+        m.update({
+            "skipped": stats["skipped"], "skipped_total": self.skipped_total,
+            "optimizer_steps": stats["optimizer_steps"], "lr": self.optimizer.param_groups[0]["lr"],
+            "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0,
+            "samples_per_s": batch / max(t3 - t0, 1e-9), "peak_memory_mb": peak_memory_mb(self.device),
+        })
+        if scored.errors:
+            m["reward_errors"] = len(scored.errors)
+        return m
+
+    # ------------------------------------------------------------------ the run
+
+    def train(self) -> list[dict]:
+        """Run until ``max_steps``; returns this process's per-step metrics."""
+        cfg = self.cfg
+        logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                               total=cfg.max_steps, initial=self.step)
+        logger.truncate_after(self.step)  # a resumed run rewrites what came after its checkpoint
+        history = []
+        saved_step = self.step if self.resumed_from is not None else None
+        try:
+            if cfg.log.sample_every and self.step == 0:
+                self.save_samples()  # the "before" grid
+            while self.step < cfg.max_steps:
+                metrics = self.train_step()
+                self.step += 1
+                metrics = {"step": self.step, **metrics}
+                logger.log(metrics)
+                history.append(metrics)
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                    self.save_samples()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    saved_step = self.step
+            if self.step > 0 and saved_step != self.step:
+                self.save_checkpoint()
+            if cfg.log.num_sample_prompts and not (cfg.log.sample_every and self.step % cfg.log.sample_every == 0):
+                self.save_samples()
+            self.save_reward_curve()
+        finally:
+            logger.close()
+        return history
+
+    def save_samples(self) -> Path | None:
+        """A grid of the fixed prompts (PNG, or GIF for video) in ``output_dir/samples``."""
+        n = self.cfg.log.num_sample_prompts
+        if n <= 0:
+            return None
+        items = self.dataset.fixed(n)
+        e = self.cfg.eval
+        samples, _ = generate(self.model, self.sampler, items, mode=e.mode, seed=e.seed, device=self.device,
+                              batch_size=e.batch_size, mixed_precision=self.cfg.mixed_precision,
+                              backend=self.cfg.loss.backend)
+        (self.out / "samples").mkdir(exist_ok=True)
+        return save_grid(samples, self.out / "samples" / f"step_{self.step:06d}")
+
+    def save_reward_curve(self) -> Path:
+        rows = read_metrics(self.out / "metrics.jsonl")
+        return save_reward_curve([r["step"] for r in rows], [r.get("reward_mean") for r in rows],
+                                 self.out / "reward_curve.png")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoints.save(
+            self.step,
+            model_state=trainable_state(self.model, self.cfg.lora.enabled),
+            optimizer_state=self.optimizer.state_dict(),
+            rng_state=capture_rng(self.generators),
+            run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
+            config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            ema_state=self.ema.state_dict() if self.ema is not None else None,
+        )
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def _resume(self) -> None:
+        path = self.checkpoints.latest()
+        if path is None:
+            log.info("resume=true but no complete checkpoint in %s: starting from step 0", self.checkpoints.root)
+            return
+        ckpt = CheckpointManager.load(path)
+        if bool(ckpt["state"].get("lora", False)) != self.cfg.lora.enabled:
+            raise ConfigError(f"checkpoint {path} was trained with lora.enabled={ckpt['state'].get('lora')}, "
+                              f"this run has lora.enabled={self.cfg.lora.enabled}")
+        load_model_state(self.model, ckpt["model"], self.cfg.lora.enabled)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            if "ema" not in ckpt:
+                raise ConfigError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
+            self.ema.load_state_dict(ckpt["ema"])
+        restore_rng(ckpt["rng"], self.generators)
+        self.step = int(ckpt["state"]["step"])
+        self.skipped_total = int(ckpt["state"].get("skipped_total", 0))
+        self.resumed_from = path
+        old = yaml.safe_load(ckpt["config_yaml"]) or {}
+        changed = _diff(old, config_to_dict(self.cfg))
+        changed = [k for k in changed if k not in ("max_steps", "resume")]
+        if changed:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    if a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
+        return [prefix[:-1]]
+    return []
+
+
+def train(cfg: TrainConfig, **objects) -> list[dict]:
+    """Build a :class:`Trainer` for ``cfg`` and run it; returns the per-step metrics."""
+    return Trainer(cfg, **objects).train()

@@ -1,0 +1,47 @@
+"""A prompt dataset read from a text file (one prompt per line), for models without a world.
+
+The paper configs train on prompt lists (e.g. HPS-v2 or VidProM prompts) that users supply:
+``data: {name: prompt_file, kwargs: {path: prompts.txt}}``. The last ``eval_fraction`` of the
+lines (at least one) is the "heldout" split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["PromptFile", "TextPrompt"]
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    text: str
+    image: object = None
+
+
+class PromptFile:
+    def __init__(self, path: str, split: str = "train", task: str = "t2i", eval_fraction: float = 0.1):
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"prompt file {str(p)!r} does not exist (data.kwargs.path)")
+        if task == "i2v":
+            raise ValueError("prompt_file holds text only; image-to-video needs a dataset with first frames")
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        if len(lines) < 2:
+            raise ValueError(f"prompt file {p} needs at least 2 non-empty lines, has {len(lines)}")
+        n_eval = max(1, int(len(lines) * eval_fraction))
+        self.prompts = lines[-n_eval:] if split == "heldout" else lines[:-n_eval]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[TextPrompt]:
+        idx = torch.randint(len(self.prompts), (n,), generator=generator).tolist()
+        return [TextPrompt(self.prompts[i]) for i in idx]
+
+    def fixed(self, n: int) -> list[TextPrompt]:
+        return [TextPrompt(self.prompts[i % len(self.prompts)]) for i in range(n)]

@@ -1,0 +1,164 @@
+"""Rollouts (SPEC section 2): G samples per prompt through the SDE sampler, trajectories kept.
+
+For a batch of P prompts the policy samples B = P * G trajectories (groups contiguous), in
+eval mode and without grad, through :func:`dancegrpo.sample_step` at stochastic steps and the
+sampler's ODE step elsewhere (MixGRPO windows). What the update needs is kept: the latents at
+every step (x_{i+1} is step i's sampled next latent), the rollout log-probs, the per-sample
+step coefficients, the model timesteps and the conditioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..coeffs import StepCoeffs
+from ..functional import sample_step
+from ..models.interface import Conditioning, repeat, select
+
+__all__ = ["Rollout", "collect_rollout", "encode_items", "autocast_context"]
+
+
+@dataclass
+class Rollout:
+    """B trajectories of N steps. Tensors are on ``latents.device`` (host memory when the
+    rollout was asked to store on CPU).
+
+    latents:   (B, N + 1, *latent_shape), x_0 (noise) .. x_N, in the model's latent dtype.
+    log_probs: (B, N) fp32 rollout log-prob of x_{i+1} given x_i (NaN at ODE steps).
+    a, b, std: (B, N) fp32 coefficients of each step (std = 0 at ODE steps).
+    timesteps: (B, N) fp32 model timesteps.
+    sde_mask:  (N,) bool, the steps that were stochastic.
+    cond:      conditioning, batch first. prompts: B strings. samples: (B, 3, [T,] H, W) decoded.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    std: torch.Tensor
+    timesteps: torch.Tensor
+    sde_mask: torch.Tensor
+    cond: Conditioning
+    prompts: list[str]
+    samples: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.latents.shape[0]
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The trajectories ``index`` (a (k,) long tensor), e.g. after best-of-N selection."""
+        idx = index.to(self.latents.device)
+        return replace(self, latents=self.latents[idx], log_probs=self.log_probs[idx], a=self.a[idx],
+                       b=self.b[idx], std=self.std[idx], timesteps=self.timesteps[idx],
+                       cond=select(self.cond, idx), prompts=[self.prompts[i] for i in index.tolist()],
+                       samples=self.samples[idx.to(self.samples.device)])
+
+    def step_batch(self, samples: torch.Tensor, steps: torch.Tensor, device):
+        """Training inputs of (sample, step) pairs: samples, steps (k,) long.
+
+        Returns ``(x, y, timesteps, coeffs, old_logp, cond)`` on ``device``.
+        """
+        src = self.latents.device
+        s, t = samples.to(src), steps.to(src)
+        x = self.latents[s, t].to(device, non_blocking=True)
+        y = self.latents[s, t + 1].to(device, non_blocking=True)
+        coeffs = StepCoeffs(self.a[s, t], self.b[s, t], self.std[s, t]).to(device)
+        cond = {k: v.to(device, non_blocking=True) for k, v in select(self.cond, s).items()}
+        return (x, y, self.timesteps[s, t].to(device), coeffs, self.log_probs[s, t].to(device), cond)
+
+
+def autocast_context(device: torch.device, mixed_precision: str):
+    """bf16 autocast of the network when asked (log-probs are computed in fp32 regardless)."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def encode_items(model, items: Sequence, device) -> tuple[list[str], Conditioning]:
+    """Prompt texts and the model's conditioning for dataset items (``.text``, ``.image``)."""
+    texts = [it.text for it in items]
+    images = [getattr(it, "image", None) for it in items]
+    if any(im is not None for im in images):
+        if any(im is None for im in images):
+            raise ValueError("a prompt batch mixes items with and without a first-frame image")
+        img = torch.stack([torch.as_tensor(im) for im in images]).to(device)
+    else:
+        img = None
+    cond = model.encode_prompts(texts, img) if img is not None else model.encode_prompts(texts)
+    return texts, {k: v.to(device) for k, v in cond.items()}
+
+
+def _chunks(total: int, size: int):
+    size = total if size <= 0 else size
+    return [slice(i, min(i + size, total)) for i in range(0, total, size)]
+
+
+@torch.no_grad()
+def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: torch.Tensor,
+                    generator: torch.Generator, *, device, share_noise: bool = True, chunk: int = 0,
+                    store_on_cpu: bool = False, mixed_precision: str = "no", decode: str = "x0",
+                    backend: str = "auto") -> Rollout:
+    """Roll out ``group_size`` samples for each prompt item (eval mode, no grad).
+
+    sde_mask: (N,) bool, steps sampled with noise (the rest take the ODE step). The generator
+    (on ``device``) draws the initial noise (shared within a group when ``share_noise``) and the
+    step noise. Returns a :class:`Rollout` with the decoded samples.
+    """
+    device = torch.device(device)
+    n_steps = sampler.num_steps
+    if sde_mask.shape != (n_steps,):
+        raise ValueError(f"sde_mask must have shape ({n_steps},), got {tuple(sde_mask.shape)}")
+    was_training = model.training if hasattr(model, "training") else False
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        texts, cond = encode_items(model, items, device)
+        prompts = [t for t in texts for _ in range(group_size)]
+        cond = repeat(cond, group_size)
+        batch = len(prompts)
+        shape = tuple(model.latent_shape())
+        if share_noise:
+            x = torch.randn((len(items), *shape), generator=generator, device=device).repeat_interleave(group_size, 0)
+        else:
+            x = torch.randn((batch, *shape), generator=generator, device=device)
+        store = torch.device("cpu") if store_on_cpu else device
+        latents = torch.empty((batch, n_steps + 1, *shape), dtype=x.dtype, device=store)
+        log_probs = torch.full((batch, n_steps), float("nan"), dtype=torch.float32, device=store)
+        a = torch.zeros((batch, n_steps), dtype=torch.float32, device=store)
+        b, std, ts = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
+        latents[:, 0] = x.to(store)
+        for i in range(n_steps):
+            t = sampler.model_timesteps(i, batch).to(device)
+            v = torch.empty_like(x)
+            for sl in _chunks(batch, chunk):
+                with autocast_context(device, mixed_precision):
+                    out = model.predict(x[sl], t[sl], select(cond, sl))
+                v[sl] = out.to(x.dtype)
+            if bool(sde_mask[i]):
+                c = sampler.coeffs(i, batch)
+                y, lp = sample_step(v, x, c.to(device), generator=generator, backend=backend)
+                log_probs[:, i] = lp.to(store)
+            else:
+                c = sampler.ode_coeffs(i, batch)
+                y = sampler.ode_step(i, x, v)
+            a[:, i], b[:, i], std[:, i] = c.a.to(store), c.b.to(store), c.std.to(store)
+            ts[:, i] = t.to(store)
+            if i == n_steps - 1 and decode == "x0":
+                x = sampler.x0(i, x, v)  # DanceGRPO scores the last step's clean prediction
+                latents[:, i + 1] = y.to(store)
+            else:
+                latents[:, i + 1] = y.to(store)
+                x = y
+        out_latent = x
+        samples = model.decode(out_latent)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    if store_on_cpu:
+        cond = {k: v.cpu() for k, v in cond.items()}
+    return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(), cond, prompts, samples)

@@ -1,0 +1,78 @@
+"""Which steps are sampled with noise, and which of those are trained (SPEC section 5, step 3).
+
+* ``dance`` (DanceGRPO): the whole trajectory is stochastic; the last step is dropped and
+  each sample trains a random subset of a fraction ``tau`` of the remaining steps.
+* ``all`` (Flow-GRPO): every stochastic step but the last is trained.
+* ``window`` (MixGRPO): only a sliding window of ``window_size`` steps is stochastic (ODE steps
+  elsewhere, so the rest of the trajectory costs no log-prob) and all of it is trained; the
+  window moves by ``window_stride`` every ``window_shift_every`` iterations and wraps around.
+
+Steps whose coefficient std is 0 (e.g. CPS's last step) are never stochastic: they have no
+log-probability.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TimestepSelector"]
+
+_STRATEGIES = ("dance", "all", "window")
+
+
+class TimestepSelector:
+    """stochastic: (N,) bool, the sampler's steps with std > 0."""
+
+    def __init__(self, strategy: str, stochastic: torch.Tensor, *, fraction: float = 0.6, window_size: int = 4,
+                 window_stride: int = 1, window_shift_every: int = 25):
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        self.strategy = strategy
+        self.stochastic = stochastic.detach().cpu().bool()
+        self.num_steps = self.stochastic.numel()
+        self.fraction = float(fraction)
+        self.window_size, self.window_stride = int(window_size), int(window_stride)
+        self.window_shift_every = int(window_shift_every)
+        if strategy == "window" and not 1 <= self.window_size < self.num_steps:
+            raise ValueError(f"window_size must lie in [1, {self.num_steps}), got {window_size}")
+        trainable = self.sde_mask(0).clone()
+        trainable[-1] = False
+        if not bool(trainable.any()):
+            raise ValueError("no trainable step: the sampler has no stochastic step before the last one "
+                             "(eta = 0, or a window that only covers the last step)")
+
+    def window_start(self, iteration: int) -> int:
+        positions = self.num_steps - 1 - self.window_size + 1  # windows that exclude the last step
+        positions = max(positions, 1)
+        return (iteration // self.window_shift_every * self.window_stride) % positions
+
+    def sde_mask(self, iteration: int) -> torch.Tensor:
+        """(N,) bool: the steps of this iteration's rollout that are sampled with noise."""
+        if self.strategy != "window":
+            return self.stochastic.clone()
+        mask = torch.zeros(self.num_steps, dtype=torch.bool)
+        start = self.window_start(iteration)
+        mask[start:start + self.window_size] = True
+        return mask & self.stochastic
+
+    def num_train_steps(self, sde_mask: torch.Tensor) -> int:
+        candidates = int(sde_mask[:-1].sum())
+        if self.strategy == "dance":
+            return max(1, int(self.fraction * candidates))
+        return candidates
+
+    def choose(self, sde_mask: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch, K) long: the steps each sample trains, ascending (last step never included).
+
+        ``generator`` is a CPU generator (the choice is part of the run's reproducible state).
+        """
+        candidates = sde_mask[:-1].nonzero().flatten()
+        if candidates.numel() == 0:
+            raise ValueError("no trainable step in this rollout (every stochastic step is the last one)")
+        k = self.num_train_steps(sde_mask)
+        if self.strategy != "dance":
+            return candidates.expand(batch, -1).clone()
+        order = torch.rand((batch, candidates.numel()), generator=generator).argsort(1)[:, :k]
+        return candidates[order.sort(1).values]
