@@ -217,6 +217,76 @@ def test_optional_kernels_are_not_imported_on_cpu(tmp_path, monkeypatch):
     assert "flash_attn" not in sys.modules
 
 
+class FakeFlash:
+    """flash-attn's calling convention (dense and variable-length) computed by the reference,
+    so the packing that FlashBackend does around the kernel (valid keys gathered, int32
+    cu_seqlens, max lengths) is tested on CPU. The real kernels are tested on a GPU below."""
+
+    @staticmethod
+    def flash_attn_func(q, k, v, softmax_scale=None):
+        return reference(q, k, v, scale=softmax_scale).to(q.dtype)
+
+    @staticmethod
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None):
+        assert q.dim() == k.dim() == v.dim() == 3 and k.shape == v.shape
+        assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.shape == cu_k.shape
+        assert int(cu_q[-1]) == q.shape[0] and int(cu_k[-1]) == k.shape[0]
+        outs = []
+        for i in range(len(cu_q) - 1):
+            qs, ks, vs = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+            assert 0 < ks.shape[0] <= max_k and qs.shape[0] <= max_q
+            outs.append(reference(qs[None], ks[None], vs[None], scale=softmax_scale)[0])
+        return torch.cat(outs).to(q.dtype), None  # some FA3 releases also return the lse
+
+
+class FakeXformers:
+    """xformers' memory_efficient_attention with a BlockDiagonalMask, by the reference."""
+
+    class BlockDiagonalMask:
+        def __init__(self, q_seqlen, kv_seqlen):
+            self.q_seqlen, self.kv_seqlen = list(q_seqlen), list(kv_seqlen)
+
+        @classmethod
+        def from_seqlens(cls, q_seqlen, kv_seqlen=None):
+            assert all(isinstance(n, int) for n in (*q_seqlen, *kv_seqlen))
+            return cls(q_seqlen, kv_seqlen)
+
+    @classmethod
+    def memory_efficient_attention(cls, q, k, v, attn_bias=None, scale=None):
+        if attn_bias is None:
+            return reference(q, k, v, scale=scale).to(q.dtype)
+        assert isinstance(attn_bias, cls.BlockDiagonalMask) and q.shape[0] == k.shape[0] == 1
+        qs, ks, vs = (t[0].split(n) for t, n in ((q, attn_bias.q_seqlen), (k, attn_bias.kv_seqlen),
+                                                 (v, attn_bias.kv_seqlen)))
+        outs = [reference(a[None], b[None], c[None], scale=scale)[0] for a, b, c in zip(qs, ks, vs, strict=True)]
+        return torch.cat(outs)[None].to(q.dtype)
+
+
+@pytest.mark.parametrize("name", ["flash", "xformers"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_backends_pack_padding_correctly(seed, monkeypatch, name, masked):
+    backend = attn_mod.FlashBackend() if name == "flash" else attn_mod.XformersBackend()
+    if name == "flash":
+        monkeypatch.setattr(backend, "_pick", lambda device: FakeFlash)
+    else:
+        backend.ops._module = FakeXformers
+        monkeypatch.setitem(sys.modules, "xformers.ops.fmha.attn_bias", FakeXformers)
+    monkeypatch.setattr(backend, "not_supported_reasons", lambda *a: [])  # run on CPU
+    monkeypatch.setitem(attn_mod._BACKENDS, name, backend)
+    b, s, lk, h, d = 4, 9, 11, 2, 16
+    q, k, v = _inputs(b, s, lk, h, d, torch.float64, noncontig=True)
+    mask = _random_mask(b, lk) if masked else None
+    if masked:
+        mask[2] = False  # one sample with no valid key at all
+    out = attention(q, k, v, mask, backend=name, scale=0.3)
+    ref = reference(q, k, v, mask, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    gq, gk, gv = _grads(out, torch.ones_like(out), (q, k, v))
+    wq, wk, wv = _grads(ref, torch.ones_like(ref), (q, k, v))
+    for g, w in ((gq, wq), (gk, wk), (gv, wv)):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
+
+
 def _check_low_precision(name, dtype, masked):
     """A GPU backend in bf16/fp16 against float64, by the 2x rule of assert_close_to_ref."""
     torch.manual_seed(0)

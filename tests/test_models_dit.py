@@ -192,6 +192,21 @@ def test_first_frame_conditions_the_video(seed):
         randomize(VideoDiT(tiny()))(x, t, text, **kw)
 
 
+def test_first_frame_input_layout(seed):
+    """I2V input = [latent, first frame broadcast over time, flag = 1 on frame 0 only]."""
+    cfg = tiny(image_condition=True, patch_size=(2, 4, 4))
+    model = VideoDiT(cfg)
+    seen = {}
+    model.patch_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", i[0]))
+    x, t, text, kw = make_inputs(cfg, frames=4)
+    model(x, t, text, **kw)
+    ff = kw["first_frame"][:, :, None].expand_as(x)
+    flag = torch.zeros_like(x[:, :1])
+    flag[:, :, 0] = 1
+    want, _ = model._patchify(torch.cat([x, ff, flag], dim=1))
+    torch.testing.assert_close(seen["tokens"], want, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- checkpointing
 def _loss_and_grads(model, inputs, weights):
     x, t, text, kw = inputs
@@ -379,6 +394,17 @@ def test_rope_scores_depend_only_on_offsets(seed):
     pairwise = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     torch.testing.assert_close(apply_rope(x, freqs), pairwise, atol=1e-6, rtol=0)
     assert apply_rope(x.bfloat16(), freqs).dtype == torch.bfloat16
+
+
+def test_model_uses_positions(seed):
+    """Everything but attention is per token and attention without positions is permutation
+    equivariant, so only RoPE makes reversing the frames differ from reversing the output."""
+    cfg = tiny()
+    model = randomize(VideoDiT(cfg))
+    x, t, text, kw = make_inputs(cfg, frames=4)
+    out = model(x, t, text, **kw)
+    rev = model(x.flip(2), t, text, **kw).flip(2)
+    assert (rev - out).abs().max() > 1e-2 * out.abs().max()
 
 
 def test_rope_sections_rejects_bad_head_dim():

@@ -110,7 +110,7 @@ def test_detect_single_image():
     # The centroid of an upward triangle sits a third of its half-extent below the box centre.
     assert abs(d.centroid[0] - 0.7) < 0.01 and abs(d.centroid[1] - (0.5 + SIZES["large"] / 3)) < 0.01
     assert abs(d.extent[0] - 2 * SIZES["large"]) < 0.02 and d.contrast > 0.3
-    assert max(abs(a - b) for a, b in zip(d.rgb, COLORS["purple"])) < 0.02
+    assert max(abs(a - b) for a, b in zip(d.rgb, COLORS["purple"], strict=True)) < 0.02
     none = detect(torch.full((3, 32, 32), 0.3))
     assert not none.found and none.color is None and none.shape is None
     assert len(detect_batch(torch.rand(4, 3, 32, 32))) == 4
@@ -179,6 +179,8 @@ def test_binary_reward(scenes):
     out = b(x, prompts[:10] * 3)
     assert set(out.tolist()) <= {0.0, 1.0}
     assert out[:10].mean() >= 0.9 and out[10:].sum() == 0
+    assert BinaryReward()(good, prompts).mean() >= 0.98
+    assert BinaryReward()(wrong, prompts).sum() == 0
     with pytest.raises(ValueError, match="threshold"):
         BinaryReward(1.5)
 

@@ -84,7 +84,7 @@ def test_prompt_round_trip_all_specs(video):
     assert len(specs) == (6300 if video else 1050)
     prompts = [s.prompt for s in specs]
     assert len(set(prompts)) == len(prompts)
-    for s, p in zip(specs, prompts):
+    for s, p in zip(specs, prompts, strict=True):
         assert parse_prompt(p) == s
         assert (s.motion is not None) == video
     assert prompts[0] == "a small red circle in the center, white background" + (", moving left" if video else "")
@@ -197,7 +197,7 @@ def test_render_shapes_dtypes_ranges(size):
     assert render_image(specs[0], size).shape == (3, size, size)
     assert render_video(vspecs[0], 8, size).shape == (3, 8, size, size)
     # Corners show the background; the object's colour is present at full strength.
-    for s, x in zip(specs, img):
+    for s, x in zip(specs, img, strict=True):
         assert torch.allclose(x[:, 0, 0], torch.tensor(BACKGROUNDS[s.background]))
         a = coverage(x[None], [s])[0]
         assert a.max() > 0.999
@@ -226,7 +226,7 @@ def test_anti_aliased_edges_and_exact_areas():
     img = render_batch(specs, size)
     a = coverage(img, specs)
     r_px = SIZES["large"] * size
-    for s, cov in zip(SHAPES, a):
+    for s, cov in zip(SHAPES, a, strict=True):
         partial = (cov > 0.02) & (cov < 0.98)
         assert partial.sum() >= 8, s          # a smooth edge, not a hard 0/1 mask
         want = areas[s] * r_px ** 2
@@ -276,7 +276,7 @@ def test_positions_and_sizes_land_where_named():
     specs = [SceneSpec("green", "square", z, p, "white") for z in SIZES for p in POSITIONS]
     a = coverage(render_batch(specs, 64), specs)
     x, y = centroid(a)
-    for s, xi, yi, ai in zip(specs, x, y, a):
+    for s, xi, yi, ai in zip(specs, x, y, a, strict=True):
         px, py = POSITIONS[s.position]
         assert abs(xi / 64 - px) < 0.01 and abs(yi / 64 - py) < 0.01
         assert abs(float(ai.sum()) - 4 * (SIZES[s.size] * 64) ** 2) < 0.02 * float(ai.sum())

@@ -151,9 +151,9 @@ class FlashBackend(AttentionBackend):
         reasons = super().device_reasons(device)
         if reasons or self.unavailable_reasons() or self._pick(device) is not None:
             return reasons
-        cap = torch.cuda.get_device_capability(device)
         errors = [m.error for m in (self.fa3, self.fa2) if m.present() and m.error]
-        return errors + [f"compute capability {cap}: FA3 needs sm90, FA2 needs sm80 or newer"]
+        cap = torch.cuda.get_device_capability(device)
+        return errors or [f"compute capability {cap}: FA3 needs sm90, FA2 needs sm80 or newer"]
 
     def run(self, q, k, v, key_padding_mask, scale):
         fa = self._pick(q.device)

@@ -55,7 +55,7 @@ class PromptDataset:
         if self.task != "i2v":
             return [PromptItem(s.prompt, None) for s in specs]
         images = first_frames(specs, self.size, generator=generator)
-        return [PromptItem(s.prompt, img) for s, img in zip(specs, images)]
+        return [PromptItem(s.prompt, img) for s, img in zip(specs, images, strict=True)]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> list[PromptItem]:
         """``n`` prompts drawn uniformly with replacement; for i2v each comes with its scene's

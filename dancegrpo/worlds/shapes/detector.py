@@ -5,8 +5,8 @@ Batched over frames (a reward scores hundreds of frames at once). For each frame
 1. Background: the per-channel median of the border pixels (robust to an object touching it).
 2. Foreground: pixels whose RGB distance to the background exceeds half the frame's robust
    maximum distance (its 4th largest), and at least ``min_contrast``. A 3x3 majority filter
-   of that mask gives the region of interest (its bounding box, grown by 2 pixels), which
-   keeps isolated noise pixels away from the measurements.
+   of that mask, grown by 2 pixels, is the region of interest: it keeps isolated noise
+   pixels (and the empty corners a bounding box would add) away from the measurements.
 3. Colour: the mean RGB of the object's core (foreground pixels at least as far from the
    background as their median), so anti-aliased edges, which mix in the background, do not
    pull it; the name is the nearest of ``COLORS``.
@@ -20,8 +20,12 @@ Batched over frames (a reward scores hundreds of frames at once). For each frame
      upward triangle 1/6, every other shape 0.
    * ``spread``: the polar moment (mu20 + mu02) / area^2: circle 1/(2 pi) (the minimum of
      any shape), square and diamond 1/6, cross and triangle about 0.19.
-   The shape is the nearest prototype (the features of each shape rendered large and
-   clean, measured by this same code) in feature units ``SHAPE_FEATURE_SCALE``.
+   The shape is the nearest prototype: the features of each shape as the renderer draws
+   it at the frame's own size (a shape 6 pixels wide has visibly different features from
+   its continuous values), measured by this same code on clean renders at several sizes
+   and sub-pixel placements. Distances are in units combining ``SHAPE_FEATURE_SCALE`` with
+   the spread over placements. No learned weights: the prototypes are computed, once per
+   process (about 0.1 to 0.7 s), from the renderer's geometry.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import torch.nn.functional as F
 
 from .grammar import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 
-# Per-feature units of the shape distance (fill, drop, spread): about a third of the gap
-# between the closest pair of prototypes on that feature, so clean renders sit well
-# inside their prototype's basin and the soft shape score falls off smoothly.
+# Per-feature units of the shape distance (fill, drop, spread), added in quadrature to the
+# prototypes' spread over sub-pixel placements: about a third of the gap between the
+# closest pair of prototypes on each feature, so clean renders sit well inside their
+# prototype's basin and the soft shape score falls off smoothly.
 SHAPE_FEATURE_SCALE = (0.05, 0.04, 0.006)
 COLOR_TABLE = torch.tensor(list(COLORS.values()), dtype=torch.float32)
 BACKGROUND_TABLE = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32)
@@ -85,31 +90,18 @@ def _as_frames(images: torch.Tensor, fn: str) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0, 1)
 
 
-def _bbox_mask(mask: torch.Tensor, grow: int) -> torch.Tensor:
-    """(N, H, W) bool: the bounding box of ``mask`` grown by ``grow`` pixels (empty stays empty)."""
-    n, h, w = mask.shape
-    rows, cols = mask.any(2), mask.any(1)
-    ar_h, ar_w = torch.arange(h), torch.arange(w)
-    big = max(h, w) + grow + 1
-    y0 = torch.where(rows, ar_h, big).amin(1) - grow
-    y1 = torch.where(rows, ar_h, -big).amax(1) + grow
-    x0 = torch.where(cols, ar_w, big).amin(1) - grow
-    x1 = torch.where(cols, ar_w, -big).amax(1) + grow
-    in_rows = (ar_h[None] >= y0[:, None]) & (ar_h[None] <= y1[:, None])
-    in_cols = (ar_w[None] >= x0[:, None]) & (ar_w[None] <= x1[:, None])
-    return in_rows[:, :, None] & in_cols[:, None, :]
-
-
 def measure(images: torch.Tensor, *, min_contrast: float = 0.15) -> dict[str, torch.Tensor]:
     """Batched detector measurements of frames (N, 3, H, W) in [0, 1] (clamped; NaN-safe).
 
     Returns a dict of CPU tensors, each with N first: ``found`` (bool), ``rgb`` (N, 3),
     ``background_rgb`` (N, 3), ``contrast``, ``area`` (fraction of the frame), ``cx``, ``cy``
     (coverage centroid), ``bx``, ``by`` (centre of the object's box), ``width``, ``height``
-    (soft extents), all fractions of the side; ``fill``, ``drop``, ``spread`` (shape
-    features); ``alpha`` (N, H, W) coverage; ``object_mask`` (N, H, W) bool (the region of
+    (soft extents), all fractions of the side; ``half_extent_px`` (sqrt(width x height) / 2
+    in pixels); ``fill``, ``drop``, ``spread`` (shape features); ``alpha`` (N, H, W) coverage; ``object_mask`` (N, H, W) bool (the region of
     interest); ``background_std`` (std of the pixels outside it, over channels).
     """
+    if not 0 < min_contrast < 1:
+        raise ValueError(f"measure: min_contrast must be in (0, 1), got {min_contrast}")
     x = _as_frames(images, "measure")
     n, _, h, w = x.shape
     border = torch.cat([x[:, :, 0, :], x[:, :, -1, :], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], dim=2)
@@ -173,7 +165,8 @@ def measure(images: torch.Tensor, *, min_contrast: float = 0.15) -> dict[str, to
     return {
         "found": found, "rgb": rgb, "background_rgb": bg, "contrast": contrast * found,
         "area": area / (h * w), "cx": cx / w, "cy": cy / h, "bx": bx / w, "by": by / h,
-        "width": width / side, "height": height / side, "half_extent_px": (width * height).sqrt() / 2, "fill": fill, "drop": drop, "spread": spread,
+        "width": width / side, "height": height / side, "half_extent_px": (width * height).sqrt() / 2,
+        "fill": fill, "drop": drop, "spread": spread,
         "alpha": alpha, "object_mask": roi & found[:, None, None],
         "background_std": out_var.mean(1).sqrt(),
     }
@@ -187,13 +180,13 @@ _CALIBRATION_OFFSETS = (0.0, 0.25, 0.5, 0.75)
 
 
 @lru_cache(maxsize=1)
-def shape_prototypes() -> tuple[torch.Tensor, torch.Tensor]:
+def shape_prototypes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each shape's features as drawn by the renderer at several sizes, measured by
     :func:`measure` itself (so the definitions can never drift apart). No learned weights.
 
-    Returns ``(extent, feats)``: ``extent`` (S, R) the measured half-extent in pixels of
-    each shape drawn at each of R sizes (increasing), ``feats`` (S, R, 3) the mean (fill,
-    drop, spread) over sub-pixel placements.
+    Returns ``(extent, mean, std)``: ``extent`` (S, R) the measured half-extent in pixels
+    of each shape drawn at each of R sizes (increasing); ``mean`` and ``std`` (S, R, 3) of
+    the features (fill, drop, spread) over 16 sub-pixel placements.
     """
     from .renderer import rasterize  # local: scoring samples never needs the renderer otherwise
 
@@ -211,8 +204,8 @@ def shape_prototypes() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _prototypes_at(half_extent_px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, 3) each shape's prototype features at each frame's size (linear in log size,
-    held constant beyond the calibrated range)."""
+    """Each shape's prototype features and their placement spread, (N, S, 3) each, at
+    each frame's size (linear in log size, held constant beyond the calibrated range)."""
     extent, feats, stds = shape_prototypes()
     out, spread = [], []
     q = half_extent_px.clamp(min=1e-3).log()

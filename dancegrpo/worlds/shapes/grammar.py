@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -186,7 +186,7 @@ def parse_prompt(text: str) -> SceneSpec:
     return SceneSpec(color, shape, size, _PHRASE_TO_POSITION[phrase], bg_words[0], motion)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _all_specs(video: bool) -> tuple[SceneSpec, ...]:
     motions = MOTIONS if video else (None,)
     return tuple(
@@ -208,7 +208,7 @@ def split_of(spec: SceneSpec) -> str:
     return "heldout" if int.from_bytes(digest[:8], "big") % 100 < 20 else "train"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _split_specs(video: bool, split: str | None) -> tuple[SceneSpec, ...]:
     specs = _all_specs(video)
     return specs if split is None else tuple(s for s in specs if split_of(s) == split)

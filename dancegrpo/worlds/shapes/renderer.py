@@ -146,7 +146,7 @@ def shape_sdf(shape: int | str, u: torch.Tensor, v: torch.Tensor) -> torch.Tenso
         return (au + av - 1) / math.sqrt(2)
     if name == "triangle":
         # Base v = 1; sides through the apex (0, -1) and the base corners (+-1, 1).
-        return torch.maximum(-v - 1, (2 * au + v - 1) / math.sqrt(5))
+        return torch.maximum(v - 1, (2 * au - v - 1) / math.sqrt(5))
     if name == "cross":
         w = CROSS_ARM
         return torch.minimum(torch.maximum(au - 1, av - w), torch.maximum(au - w, av - 1))

@@ -81,8 +81,8 @@ class Tokenizer:
             raise ValueError(f"Tokenizer.decode: ids must be (B, L), got shape {tuple(ids.shape)}")
         if mask is None:
             mask = ids != self.pad_id
-        return [" ".join(self.vocab[int(t)] for t, m in zip(row, mrow) if m)
-                for row, mrow in zip(ids.tolist(), mask.tolist())]
+        return [" ".join(self.vocab[int(t)] for t, m in zip(row, mrow, strict=True) if m)
+                for row, mrow in zip(ids.tolist(), mask.tolist(), strict=True)]
 
 
 class TextEncoder(nn.Module):
