@@ -10,14 +10,13 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <tuple>
 
 namespace dancegrpo {
-inline int mut() { static int m = [] { const char* e = std::getenv("DG_MUT"); return e ? std::atoi(e) : 0; }(); return m; }
 
-// Elements per tile. A tile of every input, converted to fp32, fits in L1/L2 (4 x 16 KiB);
-// tiles are the unit of parallel work and of the fixed-order partial sums (see logprob.cpp).
+// Elements per tile. A kernel keeps up to five fp32 tile buffers on its stack (80 KiB, in L2;
+// fp32 inputs are read in place instead); tiles are the unit of parallel work and of the
+// fixed-order partial sums (see logprob.cpp), so changing this changes results in the last bits.
 constexpr int64_t kTile = 4096;
 // Independent accumulators per tile: lets the compiler keep a reduction in vector registers
 // without reassociating floats on its own (which it may not do without -ffast-math).

@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_meta(
   check_logprob_args("dancegrpo::logprob_fwd", "y", v, x, y, v_ref, a, b, std);
   const c10::SymInt batch = v.sym_size(0);
   at::Tensor logp = per_sample_out(batch, a);
-  at::Tensor msd = (has(v_ref) || mut() == 7) ? per_sample_out(batch, a) : at::empty({0}, a.options());
+  at::Tensor msd = has(v_ref) ? per_sample_out(batch, a) : at::empty({0}, a.options());
   return {logp, msd};
 }
 
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_bwd_meta(
   check_logprob_args("dancegrpo::logprob_bwd", "y", v, x, y, v_ref, a, b, std);
   check_logprob_grads(g_logp, g_msd, v_ref, v);
   auto grad = [](bool need, const at::Tensor& t) {
-    return need ? at::empty_symint(t.sym_sizes(), mut() == 8 ? t.options().dtype(at::kFloat) : t.options()) : at::empty({0}, t.options());
+    return need ? at::empty_symint(t.sym_sizes(), t.options()) : at::empty({0}, t.options());
   };
   return {grad(need_v, v), grad(need_x, x), grad(need_y, y)};
 }

@@ -56,7 +56,7 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& wei
 
   int64_t n_valid = 0;
   for (int64_t s = 0; s < batch; ++s) n_valid += valid[s];
-  const double u = (unbiased && mut() != 5) ? 1.0 : 0.0;
+  const double u = unbiased ? 1.0 : 0.0;
 
   std::vector<double> adv(batch, 0.0), centred(batch);
   for (int64_t k = 0; k < kk; ++k) {

@@ -10,10 +10,11 @@
 // Shape: the ops are memory-bound (a few flops per element loaded), so the forward reads each
 // input once and the backward once more, with no full-size temporary. Work is split into
 // (sample, tile) jobs of kTile elements, run in parallel with OpenMP; each job converts its
-// tile to fp32 buffers (tile.h), computes in fp32 and writes one partial sum into a (B, tiles)
-// buffer. The partials of a sample are added in tile order in double afterwards, so the result
-// is bit-identical from run to run and for any thread count. Offsets are 64-bit throughout
-// (a sample or a tensor may exceed 2^31 elements).
+// tile to fp32 buffers (tile.h), computes in fp32 (kLanes fp32 accumulators, added in double)
+// and writes one partial sum into a (B, tiles) buffer of doubles. The partials of a sample are
+// added in tile order in double afterwards, so the result is bit-identical from run to run and
+// for any thread count. Offsets are 64-bit throughout (a sample or a tensor may exceed 2^31
+// elements).
 #include <omp.h>
 
 #include <algorithm>
@@ -67,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(
     const float* tv = load_tile(sv, off, len, bv);
     const float* tx = load_tile(sx, off, len, bx);
     const float* ty = load_tile(sy, off, len, by);
-    part_r2[job] = tile_sum_sq_residual(tv, tx, ty, pa[s], pb[s], (mut() == 2 && start + len == n) ? len - 1 : len);
+    part_r2[job] = tile_sum_sq_residual(tv, tx, ty, pa[s], pb[s], len);
     if (with_ref) part_d2[job] = tile_sum_sq_diff(tv, load_tile(sr, off, len, br), len);
   }
 
@@ -118,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_bwd_cpu(
     const double sd = ps[s];
     const double k = sum ? 1.0 / (sd * sd) : 1.0 / (sd * sd * static_cast<double>(n));
     const double g = pg[s];
-    cv[s] = static_cast<float>(g * pb[s] * k) * (mut() == 1 ? 1.000001f : 1.0f);
+    cv[s] = static_cast<float>(g * pb[s] * k);
     cx[s] = static_cast<float>(g * pa[s] * k);
     cy[s] = static_cast<float>(-g * k);
     if (with_msd) cm[s] = static_cast<float>(2.0 * pgm[s] / static_cast<double>(n));

@@ -91,7 +91,7 @@ at::Tensor policy_loss_bwd_cpu(const at::Tensor& g_loss, const at::Tensor& logp,
     const double g = (reduction == 2 ? pg[s] : pg[0]) * scale;
     const double ratio = std::exp(static_cast<double>(pl[s]) - po[s]);
     const double a = pa[s];
-    const bool flat = mut() == 4 ? ((ratio > 1.0 + clip_high && a < 0) || (ratio < 1.0 - clip_low && a > 0)) : ((ratio > 1.0 + clip_high && a > 0) || (ratio < 1.0 - clip_low && a < 0));
+    const bool flat = (ratio > 1.0 + clip_high && a > 0) || (ratio < 1.0 - clip_low && a < 0);
     double d_per = flat ? 0.0 : -a * ratio;
     if (kl) d_per += beta * (1.0 - std::exp(static_cast<double>(pr[s]) - pl[s]));
     out[s] = static_cast<float>(g * d_per);

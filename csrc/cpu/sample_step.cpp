@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> sample_step_cpu(
     flush_tile(dy, off, len, o);
     // The stored y, as fp32: the output itself for fp32, else re-read after rounding (bx and
     // bn are free again, so bn holds it).
-    const float* ty = mut() == 3 ? o : load_tile(sy_in, off, len, bn);
+    const float* ty = load_tile(sy_in, off, len, bn);
     part_r2[job] = tile_sum_sq_diff(ty, bm, len);
   }
 

@@ -39,7 +39,8 @@ class DiTConfig:
     patch_size is (t, h, w); an image is a one-frame video and needs t == 1. joint_attention
     False gives self-attention + cross-attention to text, True MM-DiT joint attention.
     image_condition adds the first frame (broadcast over time) and a first-frame flag as input
-    channels. checkpointing: "none", "full" (every block) or "selective" (every
+    channels. absolute_pos adds a fixed sinusoidal embedding of each token's absolute place
+    (RoPE alone is relative; small models learn "at the top" much faster with it). checkpointing: "none", "full" (every block) or "selective" (every
     ``checkpoint_every``-th block). modulation: "block" (a per-block adaLN projection, DiT) or
     "shared" (one projection plus per-block offsets, PixArt-alpha / Wan).
     """
@@ -61,6 +62,7 @@ class DiTConfig:
     checkpoint_every: int = 2
     modulation: str = "block"
     freq_dim: int = 256
+    absolute_pos: bool = False
 
     def __post_init__(self):
         for name in ("in_channels", "hidden_size", "depth", "num_heads", "text_dim", "checkpoint_every", "freq_dim"):

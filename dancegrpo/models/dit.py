@@ -43,7 +43,7 @@ from .layers import (
     Modulation,
     TimestepEmbedding,
 )
-from .rope import rope_freqs
+from .rope import absolute_position_embedding, rope_freqs
 
 __all__ = ["VideoDiT", "DiTConfig"]
 
@@ -202,6 +202,8 @@ class VideoDiT(nn.Module):
             inp = torch.cat([inp, ff, flag], dim=1)
         tokens, grid = self._patchify(inp)
         tokens = self.patch_embed(tokens)
+        if cfg.absolute_pos:
+            tokens = tokens + absolute_position_embedding(grid, cfg.hidden_size, device=x.device).to(tokens.dtype)
 
         text = text.to(dtype)
         if pooled is None:

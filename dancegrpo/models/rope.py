@@ -18,6 +18,8 @@ lose the position of late tokens.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -82,3 +84,29 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     real = torch.float64 if freqs.dtype == torch.complex128 else torch.float32
     xc = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs[:, None, :]).flatten(-2).to(x.dtype)
+
+
+def absolute_position_embedding(grid: tuple[int, int, int], dim: int, device=None) -> torch.Tensor:
+    """Fixed sinusoidal embedding of each token's absolute (t, h, w) place, (T*H*W, dim) fp32.
+
+    Coordinates are fractions of the grid ((i + 0.5) / n), so "the top of the frame" means the
+    same at every resolution. RoPE alone only tells attention relative offsets; a small model
+    given prompts such as "at the top" learns far faster with the absolute place added to its
+    tokens (opt in with ``DiTConfig.absolute_pos``). Each axis gets an even share of ``dim``;
+    leftover channels are zero.
+    """
+    per_axis = (dim // 3) // 2 * 2
+    half = per_axis // 2
+    freqs = math.pi * 2.0 ** torch.arange(half, device=device, dtype=torch.float32)
+    parts = []
+    for n in grid:
+        coords = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+        angles = coords[:, None] * freqs[None]
+        parts.append(torch.cat([angles.sin(), angles.cos()], dim=1))  # (n, per_axis)
+    t, h, w = grid
+    emb = torch.cat([parts[0][:, None, None].expand(t, h, w, per_axis),
+                     parts[1][None, :, None].expand(t, h, w, per_axis),
+                     parts[2][None, None, :].expand(t, h, w, per_axis)], dim=-1).reshape(t * h * w, 3 * per_axis)
+    if emb.shape[1] < dim:
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], dim - emb.shape[1])], dim=1)
+    return emb

@@ -26,9 +26,9 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 # Architecture of the shipped base models (small enough to train and run on a laptop CPU).
 DEFAULT_DIT = {
-    "t2i": dict(patch_size=(1, 4, 4), hidden_size=96, depth=4, num_heads=4),
-    "t2v": dict(patch_size=(2, 4, 4), hidden_size=128, depth=4, num_heads=4),
-    "i2v": dict(patch_size=(2, 4, 4), hidden_size=128, depth=4, num_heads=4, image_condition=True),
+    "t2i": dict(patch_size=(1, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True),
+    "t2v": dict(patch_size=(2, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True),
+    "i2v": dict(patch_size=(2, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True, image_condition=True),
 }
 
 

@@ -3,8 +3,9 @@
     python -m dancegrpo.worlds.shapes.pretrain --task t2i --steps 3000 --out dancegrpo/assets/shapes_t2i
 
 Rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, the model regresses the velocity
-noise - x0 at timestep 1000 sigma, with sigma ~ logit-normal (SD3's choice: most weight on the
-middle of the path).
+noise - x0 at timestep 1000 sigma, with sigma drawn half from a logit-normal (SD3's choice: most
+weight on the middle of the path) and half uniformly (a small model must also learn the last,
+low-noise steps, or its samples keep visible grain).
 
 The base model is *deliberately imperfect*, the way a model pretrained on web captions is:
 with probability ``label_noise`` a caption names a wrong colour, and independently a wrong
@@ -106,12 +107,21 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--dit", default="{}", help='DiT config overrides as JSON, e.g. \'{"depth": 6}\'')
+    p.add_argument("--init", default=None, help="start from this ShapesPolicy folder")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    policy = ShapesPolicy(args.task, size=args.size, frames=args.frames)
+    if args.init:  # continue from an earlier run's weights (same architecture)
+        policy = ShapesPolicy.from_pretrained(args.init)
+        policy.train()
+    else:
+        policy = ShapesPolicy(args.task, size=args.size, frames=args.frames, dit=json.loads(args.dit))
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = min(200, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
@@ -123,7 +133,8 @@ def main(argv=None):
         x0, captions, first = training_batch(args.task, args.batch, g, size=args.size, frames=args.frames,
                                              label_noise=args.label_noise)
         noise = torch.randn(x0.shape, generator=g)
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=g))
+        sigma = torch.where(torch.rand(args.batch, generator=g) < 0.5, torch.sigmoid(torch.randn(args.batch, generator=g)),
+                            torch.rand(args.batch, generator=g))
         sv = sigma.view(-1, *[1] * (x0.dim() - 1))
         xt = (1 - sv) * x0 + sv * noise
         cond = policy.encode_prompts(captions, None if first is None else (first + 1) / 2)
@@ -144,7 +155,7 @@ def main(argv=None):
     out = Path(args.out)
     policy.save_pretrained(out)
     stats = evaluate(policy, n=args.eval_n)
-    stats.update(task=args.task, steps=args.steps, batch=args.batch, label_noise=args.label_noise, seed=args.seed,
+    stats.update(task=args.task, steps=args.steps, init=args.init, batch=args.batch, label_noise=args.label_noise, seed=args.seed,
                  train_seconds=round(time.time() - t0), parameters=sum(p.numel() for p in policy.parameters()))
     (out / "eval.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))
