@@ -35,7 +35,7 @@ def _extensions():
 
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME
     with_cuda = with_cuda and os.environ.get("DANCEGRPO_SKIP_CUDA", "0") != "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", "-g0"]  # -g0: no 16 MB of debug info
     if os.environ.get("DANCEGRPO_NATIVE_ARCH", "0") == "1":
         cxx.append("-march=native")  # opt-in: a wheel built so only runs on this CPU family
     define_macros = []
