@@ -92,10 +92,14 @@ def main(argv=None) -> int:
                "total_seconds": round(time.time() - t_start, 1), "steps": cfg.max_steps, "run_dir": str(run_dir)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{'held-out':<22}{'before':>10}{'after':>10}")
-    for key, label in (("reward_mean", "alignment reward"), ("correct_rate", "% correct")):
+    rows = [("reward_mean", "reward (weighted sum)", "{:>10.3f}")]
+    rows += [(k, k[len("reward_"):-len("_mean")], "{:>10.3f}") for k in before
+             if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"]
+    rows.append(("correct_rate", "% correct", "{:>9.1f}%"))
+    for key, label, fmt in rows:
         if key in before and key in after:
             scale = 100 if key == "correct_rate" else 1
-            print(f"{label:<22}{before[key] * scale:>10.3f}{after[key] * scale:>10.3f}")
+            print(f"{label:<22}" + fmt.format(before[key] * scale) + fmt.format(after[key] * scale))
     print(f"\ntraining {train_s / 60:.1f} min; total {summary['total_seconds'] / 60:.1f} min")
     print(f"grids: {out / 'before.png'} {out / 'after.png'}; reward curve and metrics in {run_dir}")
     return 0
