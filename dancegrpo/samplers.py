@@ -70,6 +70,19 @@ class _Sampler:
             return values
         return values.expand(batch)
 
+    def _step(self, table: StepCoeffs, i, batch: int | None) -> StepCoeffs:
+        idx = self._index(i)
+        pick = lambda t: self._per_sample(t[idx], batch)
+        return StepCoeffs(pick(table.a), pick(table.b), pick(table.std))
+
+    def coeffs(self, i, batch: int | None = None) -> StepCoeffs:
+        """The SDE step ``i -> i + 1`` as per-sample ``StepCoeffs`` ((batch,) fields)."""
+        return self._step(self._sde, i, batch)
+
+    def ode_coeffs(self, i, batch: int | None = None) -> StepCoeffs:
+        """The deterministic (eta = 0) step ``i -> i + 1``; std is 0."""
+        return self._step(self._ode, i, batch)
+
     def is_stochastic(self, i: int) -> bool:
         """Whether step ``i`` has noise (std > 0) and so a log-probability to train."""
         return bool(self.coeffs(i).std.min() > 0)
@@ -114,17 +127,6 @@ class FlowSampler(_Sampler):
     def sigma(self, i) -> torch.Tensor:
         """float64 sigma_i at step ``i``."""
         return self.sigmas[self._index(i)]
-
-    def coeffs(self, i, batch: int | None = None) -> StepCoeffs:
-        """The SDE step ``i -> i + 1`` as per-sample ``StepCoeffs`` ((batch,) fields)."""
-        idx = self._index(i)
-        pick = lambda t: self._per_sample(t[idx], batch)
-        return StepCoeffs(pick(self._sde.a), pick(self._sde.b), pick(self._sde.std))
-
-    def ode_coeffs(self, i, batch: int | None = None) -> StepCoeffs:
-        idx = self._index(i)
-        pick = lambda t: self._per_sample(t[idx], batch)
-        return StepCoeffs(pick(self._ode.a), pick(self._ode.b), pick(self._ode.std))
 
     def x0(self, i, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Clean prediction ``x - sigma_i v`` (what DanceGRPO decodes and scores), in x's dtype."""
@@ -186,16 +188,6 @@ class DDIMSampler(_Sampler):
     def model_timesteps(self, i, batch: int | None = None) -> torch.Tensor:
         """fp32 DDPM step t_i (what an SD UNet is fed)."""
         return self._per_sample(self.timesteps[self._index(i)].float(), batch)
-
-    def coeffs(self, i, batch: int | None = None) -> StepCoeffs:
-        idx = self._index(i)
-        pick = lambda t: self._per_sample(t[idx], batch)
-        return StepCoeffs(pick(self._sde.a), pick(self._sde.b), pick(self._sde.std))
-
-    def ode_coeffs(self, i, batch: int | None = None) -> StepCoeffs:
-        idx = self._index(i)
-        pick = lambda t: self._per_sample(t[idx], batch)
-        return StepCoeffs(pick(self._ode.a), pick(self._ode.b), pick(self._ode.std))
 
     def x0(self, i, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``(x - sqrt(1 - ab_t) eps) / sqrt(ab_t)``, in x's dtype."""
