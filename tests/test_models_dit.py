@@ -463,3 +463,28 @@ def test_bad_forward_inputs():
         model(x, t, text, pooled=torch.randn(3, 5), **kw)
     with pytest.raises(ValueError, match="patch_size\\[0\\] == 1"):
         VideoDiT(tiny(patch_size=(2, 4, 4)))(x[:, :, 0], t, text, **kw)
+
+
+def test_frame_embedding(seed):
+    """A learned per-latent-frame embedding: absent by default, a no-op at its zero init, live
+    once trained (each frame gets its own vector), and bounded by its size."""
+    assert VideoDiT(tiny()).frame_embed is None
+    plain = randomize(VideoDiT(tiny()))
+    framed = VideoDiT(tiny(frame_embedding=4))
+    missing, unexpected = framed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["frame_embed"] and not unexpected
+    assert framed.frame_embed.shape == (4, tiny().hidden_size) and not framed.frame_embed.any()
+    x, t, text, kw = make_inputs(tiny(), frames=3)
+    with torch.no_grad():
+        torch.testing.assert_close(framed(x, t, text, **kw), plain(x, t, text, **kw))
+        tokens0, grid = framed.embed(x)
+        framed.frame_embed.copy_(torch.randn(4, tiny().hidden_size))
+        tokens1, _ = framed.embed(x)
+    diff = (tokens1 - tokens0).view(3, grid[0], grid[1] * grid[2], -1)
+    for f in range(grid[0]):  # frame f's tokens all moved by frame_embed[f]
+        torch.testing.assert_close(diff[:, f], framed.frame_embed[f].expand_as(diff[:, f]))
+    with pytest.raises(ValueError, match="frame_embedding only embeds 4"):
+        framed(torch.randn(1, 3, 5, 12, 12), torch.rand(1), torch.randn(1, 2, TEXT_DIM))
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="frame_embedding"):
+            tiny(frame_embedding=bad)

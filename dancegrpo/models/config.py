@@ -40,7 +40,10 @@ class DiTConfig:
     False gives self-attention + cross-attention to text, True MM-DiT joint attention.
     image_condition adds the first frame (broadcast over time) and a first-frame flag as input
     channels. absolute_pos adds a fixed sinusoidal embedding of each token's absolute place
-    (RoPE alone is relative; small models learn "at the top" much faster with it). checkpointing: "none", "full" (every block) or "selective" (every
+    (RoPE alone is relative; small models learn "at the top" much faster with it).
+    frame_embedding > 0 adds a learned embedding per temporal token index, for up to that
+    many latent frames (zero at init; the shapes world's video models start from an image
+    model with it set to cancel the change of absolute_pos's time coordinate). checkpointing: "none", "full" (every block) or "selective" (every
     ``checkpoint_every``-th block). modulation: "block" (a per-block adaLN projection, DiT) or
     "shared" (one projection plus per-block offsets, PixArt-alpha / Wan).
     """
@@ -63,12 +66,15 @@ class DiTConfig:
     modulation: str = "block"
     freq_dim: int = 256
     absolute_pos: bool = False
+    frame_embedding: int = 0
 
     def __post_init__(self):
         for name in ("in_channels", "hidden_size", "depth", "num_heads", "text_dim", "checkpoint_every", "freq_dim"):
             _positive_int(name, getattr(self, name))
         if self.out_channels is not None:
             _positive_int("out_channels", self.out_channels)
+        if isinstance(self.frame_embedding, bool) or not isinstance(self.frame_embedding, int) or self.frame_embedding < 0:
+            raise ValueError(f"DiTConfig.frame_embedding must be an int >= 0, got {self.frame_embedding!r}")
         ps = self.patch_size
         if not isinstance(ps, (tuple, list)) or len(ps) != 3:
             raise ValueError(f"DiTConfig.patch_size must be a (t, h, w) tuple of 3 ints, got {ps!r}")

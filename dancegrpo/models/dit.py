@@ -64,6 +64,7 @@ class VideoDiT(nn.Module):
         shared = cfg.modulation == "shared"
 
         self.patch_embed = nn.Linear(cfg.input_channels * pt * ph * pw, hid)
+        self.frame_embed = nn.Parameter(torch.zeros(cfg.frame_embedding, hid)) if cfg.frame_embedding else None
         self.text_embed = MLP(cfg.text_dim, hid, hid)
         self.t_embed = TimestepEmbedding(hid, cfg.freq_dim)
         self.pooled_embed = MLP(cfg.text_dim, hid, hid)
@@ -139,6 +140,9 @@ class VideoDiT(nn.Module):
             raise ValueError(f"VideoDiT: an image x (B, C, H, W) needs patch_size[0] == 1, got {cfg.patch_size}")
         if any(s % p for s, p in zip(spatial, cfg.patch_size, strict=True)):
             raise ValueError(f"VideoDiT: x's (T, H, W) = {tuple(spatial)} must be divisible by patch_size {cfg.patch_size}")
+        if cfg.frame_embedding and spatial[0] // cfg.patch_size[0] > cfg.frame_embedding:
+            raise ValueError(f"VideoDiT: x has {spatial[0] // cfg.patch_size[0]} latent frames (T / patch_size[0]) but "
+                             f"config.frame_embedding only embeds {cfg.frame_embedding}")
         if not isinstance(timestep, torch.Tensor) or timestep.shape not in ((b,), ()):
             raise ValueError(f"VideoDiT: timestep must be a tensor of shape ({b},) or (), got "
                              f"{tuple(timestep.shape) if isinstance(timestep, torch.Tensor) else type(timestep).__name__}")
@@ -175,6 +179,28 @@ class VideoDiT(nn.Module):
         v = tokens.reshape(b, *grid, co, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return v.reshape(b, co, grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
+    def embed(self, x: torch.Tensor, first_frame: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+        """The tokens entering the first block, (B, N, hidden), and the token grid (T', H', W'):
+        patch embedding (of the latent, plus the first frame and its flag with image_condition),
+        absolute position and frame embeddings. Inputs are not validated here (see forward)."""
+        cfg = self.config
+        dtype = self.patch_embed.weight.dtype
+        video = x[:, :, None] if x.dim() == 4 else x
+        b, c, t, h, w = video.shape
+        inp = video.to(dtype)
+        if cfg.image_condition:
+            ff = first_frame.to(dtype)[:, :, None].expand(b, c, t, h, w)
+            flag = inp.new_zeros(b, 1, t, h, w)
+            flag[:, :, 0] = 1
+            inp = torch.cat([inp, ff, flag], dim=1)
+        tokens, grid = self._patchify(inp)
+        tokens = self.patch_embed(tokens)
+        if cfg.absolute_pos:
+            tokens = tokens + absolute_position_embedding(grid, cfg.hidden_size, device=x.device).to(tokens.dtype)
+        if self.frame_embed is not None:
+            tokens = tokens + self.frame_embed[:grid[0]].repeat_interleave(grid[1] * grid[2], dim=0).to(tokens.dtype)
+        return tokens, grid
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *,
                 text_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                 first_frame: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,18 +218,8 @@ class VideoDiT(nn.Module):
         self._check_inputs(x, timestep, text, text_mask, pooled, first_frame)
         cfg = self.config
         dtype = self.patch_embed.weight.dtype
-        video = x[:, :, None] if x.dim() == 4 else x
-        b, c, t, h, w = video.shape
-        inp = video.to(dtype)
-        if cfg.image_condition:
-            ff = first_frame.to(dtype)[:, :, None].expand(b, c, t, h, w)
-            flag = inp.new_zeros(b, 1, t, h, w)
-            flag[:, :, 0] = 1
-            inp = torch.cat([inp, ff, flag], dim=1)
-        tokens, grid = self._patchify(inp)
-        tokens = self.patch_embed(tokens)
-        if cfg.absolute_pos:
-            tokens = tokens + absolute_position_embedding(grid, cfg.hidden_size, device=x.device).to(tokens.dtype)
+        b = x.shape[0]
+        tokens, grid = self.embed(x, first_frame)
 
         text = text.to(dtype)
         if pooled is None:

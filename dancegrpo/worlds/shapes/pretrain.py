@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ...models.rope import absolute_position_embedding
 from .grammar import COLORS, MOTIONS, SHAPES, SceneSpec, compatible, sample_specs
 from .policy import ShapesPolicy
 from .renderer import render_batch
@@ -96,6 +97,97 @@ def evaluate(policy: ShapesPolicy, *, n=256, split="heldout", seed=1234, **sampl
     return out
 
 
+@torch.no_grad()
+def inflate_image_policy(image: ShapesPolicy, task: str, *, frames: int | None = None) -> ShapesPolicy:
+    """A video ``task`` ("t2v" / "i2v") policy initialised from a trained text-to-image one.
+
+    Video training is several times dearer per step than image training, so the video base
+    models start from what the image model already knows (colours, shapes, places; the text
+    encoder) and only have to learn time. Everything but the two ends of the DiT is copied as
+    is (same widths). The patch embedding is inflated the I3D way: each frame of a temporal
+    patch gets the image kernel divided by ``pt``, so a static clip embeds exactly like its
+    image; extra image-to-video input channels (first frame, flag) start at zero, i.e. the
+    conditioning is learned from scratch without disturbing the rest. The final layer
+    predicts the same patch for each frame of a temporal patch.
+    """
+    if image.task != "t2i":
+        raise ValueError(f"inflate_image_policy: image must be a 't2i' policy, got task {image.task!r}")
+    if task not in ("t2v", "i2v"):
+        raise ValueError(f"inflate_image_policy: task must be 't2v' or 'i2v', got {task!r}")
+    icfg = image.dit.config
+    if icfg.patch_size[0] != 1:
+        raise ValueError(f"inflate_image_policy: image patch_size must have pt = 1, got {icfg.patch_size}")
+    args = json.loads(json.dumps(image._init_args))
+    dit = {k: v for k, v in args["dit"].items() if k != "image_condition"}
+    dit["patch_size"] = (2, *icfg.patch_size[1:])
+    grid_t = (frames or image.frames) // 2
+    if icfg.absolute_pos:
+        dit["frame_embedding"] = grid_t
+    if task == "i2v":
+        dit["image_condition"] = True
+    video = ShapesPolicy(task, size=image.size, frames=frames or image.frames, text_dim=args["text_dim"],
+                         text_layers=args["text_layers"], dit=dit)
+    src, dst = image.state_dict(), video.state_dict()
+    pt, ph, pw = video.dit.config.patch_size
+    c = icfg.in_channels
+    for name, value in src.items():
+        if name not in dst:
+            raise ValueError(f"inflate_image_policy: parameter {name!r} has no counterpart in the video model")
+        if name == "dit.patch_embed.weight":  # (hidden, C_in * 1 * ph * pw) -> (hidden, C_in' * pt * ph * pw)
+            w = dst[name].zero_().view(value.shape[0], -1, pt, ph * pw)
+            w[:, :c] = value.view(value.shape[0], c, 1, ph * pw) / pt
+        elif name in ("dit.final.linear.weight", "dit.final.linear.bias"):  # rows (C_out, 1, ph, pw)
+            co = icfg.output_channels
+            dst[name].view(co, pt, ph * pw, -1).copy_(value.view(co, 1, ph * pw, -1).expand(co, pt, ph * pw, -1))
+        elif dst[name].shape != value.shape:
+            raise ValueError(f"inflate_image_policy: {name!r} has shape {tuple(value.shape)} in the image model "
+                             f"but {tuple(dst[name].shape)} in the video model")
+        else:
+            dst[name].copy_(value)
+    if icfg.absolute_pos:
+        # The image's tokens carry the time coordinate of a one-frame clip; a video's carry one
+        # per frame, and those (high-frequency sinusoids) would scramble every feature the image
+        # model learned. The learned frame embedding starts at the difference, so each frame's
+        # tokens start exactly as the image's, and it is free to learn a sense of time.
+        hid = icfg.hidden_size
+        still = absolute_position_embedding((1, 1, 1), hid)[0]
+        moving = absolute_position_embedding((grid_t, 1, 1), hid)
+        dst["dit.frame_embed"] = still[None] - moving
+    video.load_state_dict(dst)
+    return video
+
+
+@torch.no_grad()
+def add_image_condition(t2v: ShapesPolicy) -> ShapesPolicy:
+    """An image-to-video policy initialised from a trained text-to-video one: every weight is
+    copied, and the patch embedding's new inputs (the broadcast first frame and its flag)
+    start at zero, so the model starts as the text-to-video model and learns to use the frame."""
+    if t2v.task != "t2v":
+        raise ValueError(f"add_image_condition: expected a 't2v' policy, got task {t2v.task!r}")
+    args = json.loads(json.dumps(t2v._init_args))
+    args["dit"]["patch_size"] = tuple(args["dit"]["patch_size"])
+    args["dit"]["image_condition"] = True
+    i2v = ShapesPolicy("i2v", **{k: v for k, v in args.items() if k != "task"})
+    dst = i2v.state_dict()
+    for name, value in t2v.state_dict().items():
+        if name == "dit.patch_embed.weight":  # (hidden, C * P) -> (hidden, (2C + 1) * P), latent first
+            dst[name].zero_().view(value.shape[0], -1, value.shape[1] // t2v.dit.config.in_channels)[
+                :, :t2v.dit.config.in_channels] = value.view(value.shape[0], t2v.dit.config.in_channels, -1)
+        else:
+            dst[name].copy_(value)
+    i2v.load_state_dict(dst)
+    return i2v
+
+
+def _save_ema(policy: ShapesPolicy, ema: dict, out: Path, *, step: int) -> None:
+    """Save the EMA weights (atomically, via save_pretrained) without disturbing training."""
+    live = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    policy.load_state_dict(ema)
+    policy.save_pretrained(out)
+    policy.load_state_dict(live)
+    (out / "progress.json").write_text(json.dumps({"step": step}))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("t2i", "t2v", "i2v"), default="t2i")
@@ -110,6 +202,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dit", default="{}", help='DiT config overrides as JSON, e.g. \'{"depth": 6}\'')
     p.add_argument("--init", default=None, help="start from this ShapesPolicy folder")
+    p.add_argument("--init-image", default=None,
+                   help="video tasks: start from this t2i ShapesPolicy folder, inflated (see inflate_image_policy)")
+    p.add_argument("--init-t2v", default=None,
+                   help="i2v: start from this t2v ShapesPolicy folder (see add_image_condition)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also save the EMA weights to --out every N steps (a run stopped early keeps them)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.threads:
@@ -117,13 +215,25 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
+    if args.steps < 1 or args.batch < 1:
+        p.error(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
+    if sum(x is not None for x in (args.init, args.init_image, args.init_t2v)) > 1:
+        p.error("--init, --init-image and --init-t2v are exclusive")
+    if args.init_t2v and args.task != "i2v":
+        p.error("--init-t2v starts an i2v model: use it with --task i2v")
     if args.init:  # continue from an earlier run's weights (same architecture)
         policy = ShapesPolicy.from_pretrained(args.init)
+        policy.train()
+    elif args.init_image:
+        policy = inflate_image_policy(ShapesPolicy.from_pretrained(args.init_image), args.task, frames=args.frames)
+        policy.train()
+    elif args.init_t2v:
+        policy = add_image_condition(ShapesPolicy.from_pretrained(args.init_t2v))
         policy.train()
     else:
         policy = ShapesPolicy(args.task, size=args.size, frames=args.frames, dit=json.loads(args.dit))
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = min(200, args.steps // 10)
+    warmup = max(1, min(200, args.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
                                               (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps))))
     ema = {k: v.detach().clone() for k, v in policy.state_dict().items()}
@@ -151,11 +261,13 @@ def main(argv=None):
         if step % 100 == 0 or step == args.steps:
             print(f"step {step:5d}  loss {running:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:6.0f}s",
                   flush=True)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            _save_ema(policy, ema, Path(args.out), step=step)
     policy.load_state_dict(ema)
     out = Path(args.out)
     policy.save_pretrained(out)
     stats = evaluate(policy, n=args.eval_n)
-    stats.update(task=args.task, steps=args.steps, init=args.init, batch=args.batch, label_noise=args.label_noise, seed=args.seed,
+    stats.update(task=args.task, steps=args.steps, init=args.init, init_image=args.init_image, init_t2v=args.init_t2v, batch=args.batch, label_noise=args.label_noise, seed=args.seed,
                  train_seconds=round(time.time() - t0), parameters=sum(p.numel() for p in policy.parameters()))
     (out / "eval.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))

@@ -1,0 +1,128 @@
+"""The base-model pretraining script: label noise, image -> video inflation, and a few real
+steps of each task end to end (tiny models, so it runs in seconds)."""
+
+import json
+
+import pytest
+import torch
+
+from dancegrpo.worlds.shapes.grammar import COLORS, SHAPES, sample_specs
+from dancegrpo.worlds.shapes.policy import ShapesPolicy
+from dancegrpo.worlds.shapes.pretrain import add_image_condition, corrupt, inflate_image_policy, main
+
+TINY = dict(hidden_size=32, depth=2, num_heads=2)
+
+
+def _image_policy(seed=0):
+    torch.manual_seed(seed)
+    policy = ShapesPolicy("t2i", dit=TINY)
+    # adaLN-Zero starts with a zero final layer and zero gates: randomise every parameter so
+    # the inflation checks below compare real numbers, not zeros.
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0, 0.1)
+    return policy.eval()
+
+
+def test_corrupt_rates_and_i2v_keeps_appearance():
+    g = torch.Generator().manual_seed(0)
+    specs = sample_specs(4000, g, video=True)
+    noisy = corrupt(specs, 0.3, torch.Generator().manual_seed(1), task="t2v")
+    for attr in ("color", "shape", "motion"):
+        rate = sum(getattr(a, attr) != getattr(b, attr) for a, b in zip(specs, noisy)) / len(specs)
+        assert abs(rate - 0.3) < 0.03, (attr, rate)
+    assert all(n.size == s.size and n.position == s.position for s, n in zip(specs, noisy))
+    # Image-to-video shows colour and shape in its first frame: only the motion is corrupted.
+    i2v = corrupt(specs, 0.3, torch.Generator().manual_seed(1), task="i2v")
+    assert all(a.color == b.color and a.shape == b.shape for a, b in zip(specs, i2v))
+    assert all(c in COLORS for c in (s.color for s in noisy)) and all(s.shape in SHAPES for s in noisy)
+    assert corrupt(specs[:50], 0.0, g, task="t2v") == specs[:50]
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_inflated_video_policy_starts_from_the_image_model(task):
+    image = _image_policy()
+    video = inflate_image_policy(image, task, frames=4)
+    assert video.task == task and video.dit.config.patch_size == (2, 4, 4)
+    assert video.dit.config.image_condition == (task == "i2v")
+    # Same text encoder and transformer blocks.
+    for name, p in image.state_dict().items():
+        if not name.startswith(("dit.patch_embed.weight", "dit.final.linear")):
+            assert torch.equal(p, video.state_dict()[name]), name
+    # A static clip's tokens enter the blocks exactly as its image's do (patch, absolute
+    # position and frame embeddings together), whatever the i2v condition says.
+    x = torch.randn(2, 3, 32, 32)
+    clip = x[:, :, None].expand(2, 3, 4, 32, 32)
+    first = torch.randn(2, 3, 32, 32) if task == "i2v" else None
+    with torch.no_grad():
+        ei, _ = image.dit.embed(x)                                        # (2, 64, hidden)
+        ev, grid = video.dit.embed(clip, first)
+        assert grid == (2, 8, 8)
+        ev = ev.view(2, 2, 64, -1)
+        torch.testing.assert_close(ev, ei[:, None].expand_as(ev), rtol=1e-5, atol=1e-5)
+        # The final layer writes the image's patch into both frames of a temporal patch.
+        h = torch.randn(2, 64, image.dit.config.hidden_size)
+        c = torch.randn(2, image.dit.config.hidden_size)
+        out_i = image.dit._unpatchify(image.dit.final(h, c), (1, 8, 8))  # (2, 3, 1, 32, 32)
+        out_v = video.dit._unpatchify(video.dit.final(h, c), (1, 8, 8))  # (2, 3, 2, 32, 32)
+    torch.testing.assert_close(out_v, out_i.expand_as(out_v))
+
+
+def test_add_image_condition_starts_as_the_t2v_model():
+    t2v = inflate_image_policy(_image_policy(), "t2v", frames=4)
+    with torch.no_grad():
+        for p in t2v.parameters():
+            p.normal_(0, 0.1)
+    i2v = add_image_condition(t2v.eval()).eval()
+    assert i2v.task == "i2v" and i2v.dit.config.image_condition and i2v.frames == 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 32, 32, generator=g)
+    prompts = ["a small red circle on the left, white background, moving right"] * 2
+    first = torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        want = t2v.predict(x, torch.full((2,), 300.0), t2v.encode_prompts(prompts))
+        got = i2v.predict(x, torch.full((2,), 300.0), i2v.encode_prompts(prompts, first))
+    torch.testing.assert_close(got, want)  # the frame's inputs start at zero weight
+    with pytest.raises(ValueError, match="expected a 't2v' policy"):
+        add_image_condition(_image_policy())
+
+
+def test_inflate_rejects_wrong_inputs():
+    image = _image_policy()
+    with pytest.raises(ValueError, match="task must be 't2v' or 'i2v'"):
+        inflate_image_policy(image, "t2i")
+    with pytest.raises(ValueError, match="must be a 't2i' policy"):
+        inflate_image_policy(ShapesPolicy("t2v", dit=TINY), "t2v")
+
+
+def _run(tmp_path, name, *extra):
+    out = tmp_path / name
+    main(["--steps", "4", "--batch", "2", "--eval-n", "2", "--threads", "1", "--dit", json.dumps(TINY),
+          "--out", str(out), *extra])
+    return out
+
+
+def test_pretrain_script_end_to_end(tmp_path):
+    out = _run(tmp_path, "t2i", "--task", "t2i", "--save-every", "2")
+    stats = json.loads((out / "eval.json").read_text())
+    assert stats["task"] == "t2i" and stats["steps"] == 4 and stats["n"] == 2
+    assert 0 <= stats["correct_rate"] <= 1
+    assert json.loads((out / "progress.json").read_text()) == {"step": 2}
+    trained = ShapesPolicy.from_pretrained(out)
+    # Continue the image model, then inflate it into both video tasks.
+    more = _run(tmp_path, "t2i_more", "--task", "t2i", "--init", str(out))
+    assert json.loads((more / "eval.json").read_text())["init"] == str(out)
+    for task in ("t2v", "i2v"):
+        vid = _run(tmp_path, task, "--task", task, "--frames", "4", "--init-image", str(out))
+        stats = json.loads((vid / "eval.json").read_text())
+        assert stats["task"] == task and "motion_mean" in stats and stats["init_image"] == str(out)
+        policy = ShapesPolicy.from_pretrained(vid)
+        assert policy.task == task and policy.frames == 4
+        # The text encoder was copied from the image model, then trained further.
+        assert policy.text_encoder.token.weight.shape == trained.text_encoder.token.weight.shape
+    i2v = _run(tmp_path, "i2v_from_t2v", "--task", "i2v", "--frames", "4", "--init-t2v", str(tmp_path / "t2v"))
+    assert json.loads((i2v / "eval.json").read_text())["init_t2v"] == str(tmp_path / "t2v")
+    for bad in (["--task", "t2v", "--init", str(out), "--init-image", str(out)],
+                ["--task", "t2v", "--init-t2v", str(tmp_path / "t2v")]):
+        with pytest.raises(SystemExit):
+            _run(tmp_path, "bad", *bad)
