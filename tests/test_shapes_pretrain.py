@@ -8,7 +8,12 @@ import torch
 
 from dancegrpo.worlds.shapes.grammar import COLORS, SHAPES, sample_specs
 from dancegrpo.worlds.shapes.policy import ShapesPolicy
-from dancegrpo.worlds.shapes.pretrain import add_image_condition, corrupt, inflate_image_policy, main
+from dancegrpo.worlds.shapes.pretrain import (
+    add_image_condition,
+    corrupt,
+    inflate_image_policy,
+    main,
+)
 
 TINY = dict(hidden_size=32, depth=2, num_heads=2)
 
@@ -29,12 +34,12 @@ def test_corrupt_rates_and_i2v_keeps_appearance():
     specs = sample_specs(4000, g, video=True)
     noisy = corrupt(specs, 0.3, torch.Generator().manual_seed(1), task="t2v")
     for attr in ("color", "shape", "motion"):
-        rate = sum(getattr(a, attr) != getattr(b, attr) for a, b in zip(specs, noisy)) / len(specs)
+        rate = sum(getattr(a, attr) != getattr(b, attr) for a, b in zip(specs, noisy, strict=True)) / len(specs)
         assert abs(rate - 0.3) < 0.03, (attr, rate)
-    assert all(n.size == s.size and n.position == s.position for s, n in zip(specs, noisy))
+    assert all(n.size == s.size and n.position == s.position for s, n in zip(specs, noisy, strict=True))
     # Image-to-video shows colour and shape in its first frame: only the motion is corrupted.
     i2v = corrupt(specs, 0.3, torch.Generator().manual_seed(1), task="i2v")
-    assert all(a.color == b.color and a.shape == b.shape for a, b in zip(specs, i2v))
+    assert all(a.color == b.color and a.shape == b.shape for a, b in zip(specs, i2v, strict=True))
     assert all(c in COLORS for c in (s.color for s in noisy)) and all(s.shape in SHAPES for s in noisy)
     assert corrupt(specs[:50], 0.0, g, task="t2v") == specs[:50]
 
@@ -103,11 +108,14 @@ def _run(tmp_path, name, *extra):
 
 
 def test_pretrain_script_end_to_end(tmp_path):
-    out = _run(tmp_path, "t2i", "--task", "t2i", "--save-every", "2")
+    out = _run(tmp_path, "t2i", "--task", "t2i", "--save-every", "2", "--snapshots", "1,3")
     stats = json.loads((out / "eval.json").read_text())
     assert stats["task"] == "t2i" and stats["steps"] == 4 and stats["n"] == 2
     assert 0 <= stats["correct_rate"] <= 1
     assert json.loads((out / "progress.json").read_text()) == {"step": 2}
+    for step in (1, 3):  # kept snapshots load as policies
+        assert ShapesPolicy.from_pretrained(out / f"step_{step}").task == "t2i"
+    assert not (out / "step_2").exists()
     trained = ShapesPolicy.from_pretrained(out)
     # Continue the image model, then inflate it into both video tasks.
     more = _run(tmp_path, "t2i_more", "--task", "t2i", "--init", str(out))
@@ -123,6 +131,8 @@ def test_pretrain_script_end_to_end(tmp_path):
     i2v = _run(tmp_path, "i2v_from_t2v", "--task", "i2v", "--frames", "4", "--init-t2v", str(tmp_path / "t2v"))
     assert json.loads((i2v / "eval.json").read_text())["init_t2v"] == str(tmp_path / "t2v")
     for bad in (["--task", "t2v", "--init", str(out), "--init-image", str(out)],
-                ["--task", "t2v", "--init-t2v", str(tmp_path / "t2v")]):
+                ["--task", "t2v", "--init-t2v", str(tmp_path / "t2v")],
+                ["--task", "t2i", "--snapshots", "100,x"],
+                ["--task", "t2i", "--steps", "0"]):
         with pytest.raises(SystemExit):
             _run(tmp_path, "bad", *bad)

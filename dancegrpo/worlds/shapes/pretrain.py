@@ -208,8 +208,15 @@ def main(argv=None):
                    help="i2v: start from this t2v ShapesPolicy folder (see add_image_condition)")
     p.add_argument("--save-every", type=int, default=0,
                    help="also save the EMA weights to --out every N steps (a run stopped early keeps them)")
+    p.add_argument("--snapshots", default="",
+                   help="comma-separated steps whose EMA weights are also kept in <out>/step_<N> "
+                        "(e.g. to start a video model from an early image checkpoint)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    try:
+        snapshots = {int(x) for x in args.snapshots.split(",") if x.strip()}
+    except ValueError:
+        p.error(f"--snapshots must be comma-separated ints, got {args.snapshots!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -263,6 +270,8 @@ def main(argv=None):
                   flush=True)
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             _save_ema(policy, ema, Path(args.out), step=step)
+        if step in snapshots:
+            _save_ema(policy, ema, Path(args.out) / f"step_{step}", step=step)
     policy.load_state_dict(ema)
     out = Path(args.out)
     policy.save_pretrained(out)
