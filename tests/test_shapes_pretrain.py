@@ -47,7 +47,7 @@ def test_corrupt_rates_and_i2v_keeps_appearance():
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
 def test_inflated_video_policy_starts_from_the_image_model(task):
     image = _image_policy()
-    video = inflate_image_policy(image, task, frames=4)
+    video = inflate_image_policy(image, task, frames=4, temporal_patch=2)
     assert video.task == task and video.dit.config.patch_size == (2, 4, 4)
     assert video.dit.config.image_condition == (task == "i2v")
     # Same text encoder and transformer blocks.
@@ -92,8 +92,37 @@ def test_add_image_condition_starts_as_the_t2v_model():
         add_image_condition(_image_policy())
 
 
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_inflated_video_policy_with_one_frame_per_token_predicts_like_the_image_model(task):
+    """With one frame per token and a static clip, every frame's prediction is (nearly) the
+    image's: each token starts as its image token, and attention to the other frames' copies of
+    the same tokens mostly repeats keys (only the relative temporal RoPE rotation differs:
+    measured 5e-5 relative error). Without the frame embedding's correction it is O(1)."""
+    image = _image_policy()
+    video = inflate_image_policy(image, task, frames=4).eval()
+    assert video.dit.config.patch_size == (1, 4, 4) and video.dit.config.frame_embedding == 4
+    prompts = ["a large blue square in the center, black background, moving left"] * 2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    first = x.clamp(-1, 1) * 0.5 + 0.5 if task == "i2v" else None
+    t = torch.full((2,), 400.0)
+    with torch.no_grad():
+        ei, _ = image.dit.embed(x)
+        ev, _ = video.dit.embed(x[:, :, None].expand(2, 3, 4, 32, 32), first)
+        torch.testing.assert_close(ev.view(2, 4, 64, -1), ei[:, None].expand(2, 4, 64, -1), rtol=1e-5, atol=1e-5)
+        want = image.predict(x, t, image.encode_prompts(prompts))
+        got = video.predict(x[:, :, None].expand(2, 3, 4, 32, 32), t, video.encode_prompts(prompts, first))
+    err = (got - want[:, :, None]).norm() / (want[:, :, None].expand_as(got).norm())
+    assert err < 1e-3, float(err)
+    with torch.no_grad():  # the frame embedding is what makes it so
+        video.dit.frame_embed.zero_()
+        off = video.predict(x[:, :, None].expand(2, 3, 4, 32, 32), t, video.encode_prompts(prompts, first))
+    assert (off - want[:, :, None]).norm() / want[:, :, None].expand_as(off).norm() > 0.05
+
+
 def test_inflate_rejects_wrong_inputs():
     image = _image_policy()
+    with pytest.raises(ValueError, match="temporal_patch"):
+        inflate_image_policy(image, "t2v", frames=8, temporal_patch=3)
     with pytest.raises(ValueError, match="task must be 't2v' or 'i2v'"):
         inflate_image_policy(image, "t2i")
     with pytest.raises(ValueError, match="must be a 't2i' policy"):

@@ -25,10 +25,13 @@ TASKS = ("t2i", "t2v", "i2v")
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 # Architecture of the shipped base models (small enough to train and run on a laptop CPU).
+# Video uses one frame per token: with two, a 96-wide token would have to carry 96 pixel
+# values, and the model starts far from the image model it is inflated from (pretrain.py).
+# The shipped video models also carry a learned frame embedding (from that inflation).
 DEFAULT_DIT = {
     "t2i": dict(patch_size=(1, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True),
-    "t2v": dict(patch_size=(2, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True),
-    "i2v": dict(patch_size=(2, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True, image_condition=True),
+    "t2v": dict(patch_size=(1, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True),
+    "i2v": dict(patch_size=(1, 4, 4), hidden_size=96, depth=4, num_heads=4, absolute_pos=True, image_condition=True),
 }
 
 

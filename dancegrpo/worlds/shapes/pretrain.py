@@ -98,7 +98,8 @@ def evaluate(policy: ShapesPolicy, *, n=256, split="heldout", seed=1234, **sampl
 
 
 @torch.no_grad()
-def inflate_image_policy(image: ShapesPolicy, task: str, *, frames: int | None = None) -> ShapesPolicy:
+def inflate_image_policy(image: ShapesPolicy, task: str, *, frames: int | None = None,
+                         temporal_patch: int = 1) -> ShapesPolicy:
     """A video ``task`` ("t2v" / "i2v") policy initialised from a trained text-to-image one.
 
     Video training is several times dearer per step than image training, so the video base
@@ -119,8 +120,11 @@ def inflate_image_policy(image: ShapesPolicy, task: str, *, frames: int | None =
         raise ValueError(f"inflate_image_policy: image patch_size must have pt = 1, got {icfg.patch_size}")
     args = json.loads(json.dumps(image._init_args))
     dit = {k: v for k, v in args["dit"].items() if k != "image_condition"}
-    dit["patch_size"] = (2, *icfg.patch_size[1:])
-    grid_t = (frames or image.frames) // 2
+    if not isinstance(temporal_patch, int) or temporal_patch < 1 or (frames or image.frames) % temporal_patch:
+        raise ValueError(f"inflate_image_policy: temporal_patch must be a positive int dividing frames, "
+                         f"got {temporal_patch!r}")
+    dit["patch_size"] = (temporal_patch, *icfg.patch_size[1:])
+    grid_t = (frames or image.frames) // temporal_patch
     if icfg.absolute_pos:
         dit["frame_embedding"] = grid_t
     if task == "i2v":
