@@ -48,8 +48,8 @@ PRETRAIN   := $(PY) -m dancegrpo.worlds.shapes.pretrain --label-noise 0.25 --thr
 base-models: setup
 	$(PRETRAIN) --task t2i --steps 4500 --batch 32 --seed 0 --eval-n 128 --out $(SHAPES_OUT)/t2i_stage1
 	$(PRETRAIN) --task t2i --steps 24000 --batch 32 --seed 1 --init $(SHAPES_OUT)/t2i_stage1 --snapshots 10000 --out $(SHAPES_OUT)/t2i
-	$(PRETRAIN) --task t2v --steps 6000 --batch 16 --lr 5e-4 --seed 2 --init-image $(SHAPES_OUT)/t2i/step_10000 --snapshots 1500 --out $(SHAPES_OUT)/t2v
-	$(PRETRAIN) --task i2v --steps I2V_STEPS --batch 16 --lr 5e-4 --seed 3 --init-t2v $(SHAPES_OUT)/t2v/step_1500 --out $(SHAPES_OUT)/i2v
+	$(PRETRAIN) --task t2v --steps 6000 --batch 16 --lr 5e-4 --seed 2 --init-image $(SHAPES_OUT)/t2i/step_10000 --snapshots 2500 --out $(SHAPES_OUT)/t2v
+	$(PRETRAIN) --task i2v --steps 4000 --batch 16 --lr 5e-4 --seed 3 --init-t2v $(SHAPES_OUT)/t2v/step_2500 --out $(SHAPES_OUT)/i2v
 
 clean:
 	rm -rf $(VENV) build *.egg-info dancegrpo/_C*.so

@@ -32,17 +32,18 @@ def test_base_model_loads_and_predicts(task):
 
 
 def test_t2i_base_quality_regression():
-    """Held-out colour+position correctness of the shipped T2I base on a fixed seed.
+    """Held-out colour+shape correctness of the shipped T2I base on a fixed seed.
 
-    Measured 0.53 on these 32 prompts when the asset was made (eval.json holds the 128-prompt
-    numbers); a broken asset, sampler or renderer change drops it far below the bound.
+    Measured 0.59 on these 32 prompts when the asset was made (eval.json holds the 256-prompt
+    numbers; the previous, 4,500-step model scored 0.09 here): a broken asset, sampler,
+    renderer or detector change drops it far below the bound, and a model that always follows
+    its prompt (no headroom left for GRPO) would exceed it.
     """
     model = build_policy("t2i")
     g = torch.Generator().manual_seed(0)
     prompts = [s.prompt for s in sample_specs(32, g, split="heldout")]
     samples = generate(model, prompts, steps=16, eta=0.3, seed=1)
-    reward = AlignmentReward(("color", "position"))
-    rate = float(reward.correct(samples, prompts).float().mean())
-    assert 0.35 <= rate <= 0.75, rate
+    rate = float(AlignmentReward(("color", "shape")).correct(samples, prompts).float().mean())
+    assert 0.35 <= rate <= 0.85, rate
     stats = json.loads((base_model_path("t2i") / "eval.json").read_text())
     assert stats["task"] == "t2i" and stats["split"] == "heldout"

@@ -2,6 +2,12 @@
 
     python -m dancegrpo.worlds.shapes.pretrain --task t2i --steps 3000 --out dancegrpo/assets/shapes_t2i
 
+``make base-models`` runs the recipe of the shipped models: the image model first, then the
+video models started from it (``--init-image``: ``inflate_image_policy``, which puts the image
+model in every frame), image-to-video from text-to-video (``--init-t2v``). A video step costs
+8 image steps, so on a CPU the video models would otherwise spend their whole budget relearning
+what the image model knows.
+
 Rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, the model regresses the velocity
 noise - x0 at timestep 1000 sigma, with sigma drawn half from a logit-normal (SD3's choice: most
 weight on the middle of the path) and half uniformly (a small model must also learn the last,
