@@ -47,3 +47,34 @@ def test_t2i_base_quality_regression():
     assert 0.35 <= rate <= 0.85, rate
     stats = json.loads((base_model_path("t2i") / "eval.json").read_text())
     assert stats["task"] == "t2i" and stats["split"] == "heldout"
+
+
+def _video_samples(task):
+    model = build_policy(task)
+    g = torch.Generator().manual_seed(0)
+    specs = sample_specs(16, g, video=True, split="heldout")
+    prompts = [s.prompt for s in specs]
+    first = render_batch(specs, 32, frames=8, video=True)[:, :, 0] if task == "i2v" else None
+    return generate(model, prompts, first, steps=16, eta=0.3, seed=1), prompts, first
+
+
+def test_t2v_base_quality_regression():
+    """The shipped T2V base draws the asked colour at the asked place (measured 0.75 on these
+    16 prompts; 0.82 colour and 0.98 position on 128) in every frame. Its shapes and motion are
+    not learned yet (README), so only colour and position are guarded."""
+    samples, prompts, _ = _video_samples("t2v")
+    assert samples.shape == (16, 3, 8, 32, 32)
+    rate = float(AlignmentReward(("color", "position")).correct(samples, prompts).float().mean())
+    assert rate >= 0.5, rate
+
+
+def test_i2v_base_quality_regression():
+    """The shipped I2V base starts its clips at the given frame: frame-0 MSE to it measured
+    0.0034 on these 16 prompts (the T2V model, which does not see the frame: 0.0070), colour
+    and position right on all 16. Caveat (README): given a frame that contradicts its prompt,
+    it follows the prompt, so the bound is a regression guard, not proof of conditioning."""
+    samples, prompts, first = _video_samples("i2v")
+    mse = float((samples[:, :, 0] - first).pow(2).mean())
+    assert mse < 0.006, mse
+    rate = float(AlignmentReward(("color", "position")).correct(samples, prompts).float().mean())
+    assert rate >= 0.75, rate
