@@ -94,11 +94,12 @@ class ShapesPolicy(nn.Module):
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
     # -- persistence -------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """config.json + model.safetensors, each written to a temp file, fsynced and renamed."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """config.json + model.safetensors, each written to a temp file, fsynced and renamed.
+        ``state_dict``: weights to write instead of the module's own (e.g. an EMA copy)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         tmp = d / "model.safetensors.tmp"
         save_file(state, str(tmp))
         _fsync_rename(tmp, d / "model.safetensors")

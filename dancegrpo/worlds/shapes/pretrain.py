@@ -23,6 +23,7 @@ headroom GRPO is meant to close. Held-out scores are written to ``<out>/eval.jso
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -103,6 +104,16 @@ def evaluate(policy: ShapesPolicy, *, n=256, split="heldout", seed=1234, **sampl
     return out
 
 
+def _copy_latent_patch_embed(dst: torch.Tensor, src: torch.Tensor, channels: int, pt_src: int, pt_dst: int) -> None:
+    """Write ``src`` (hidden, channels * pt_src * P), a patch embedding of the latent alone, into
+    ``dst`` (hidden, C' * pt_dst * P), C' >= channels, latent channels first: the other input
+    channels get zero weight, and each of the pt_dst frames of a temporal patch gets the source
+    kernel (pt_src = 1) divided by pt_dst, or its own (pt_src == pt_dst)."""
+    hidden = src.shape[0]
+    w = dst.zero_().view(hidden, -1, pt_dst, src.shape[1] // (channels * pt_src))
+    w[:, :channels] = src.view(hidden, channels, pt_src, -1) / (pt_dst // pt_src)
+
+
 @torch.no_grad()
 def inflate_image_policy(image: ShapesPolicy, task: str, *, frames: int | None = None,
                          temporal_patch: int = 1) -> ShapesPolicy:
@@ -124,28 +135,27 @@ def inflate_image_policy(image: ShapesPolicy, task: str, *, frames: int | None =
     icfg = image.dit.config
     if icfg.patch_size[0] != 1:
         raise ValueError(f"inflate_image_policy: image patch_size must have pt = 1, got {icfg.patch_size}")
-    args = json.loads(json.dumps(image._init_args))
+    args = copy.deepcopy(image._init_args)
     dit = {k: v for k, v in args["dit"].items() if k != "image_condition"}
-    if not isinstance(temporal_patch, int) or temporal_patch < 1 or (frames or image.frames) % temporal_patch:
+    frames = frames or image.frames
+    if not isinstance(temporal_patch, int) or temporal_patch < 1 or frames % temporal_patch:
         raise ValueError(f"inflate_image_policy: temporal_patch must be a positive int dividing frames, "
                          f"got {temporal_patch!r}")
     dit["patch_size"] = (temporal_patch, *icfg.patch_size[1:])
-    grid_t = (frames or image.frames) // temporal_patch
+    grid_t = frames // temporal_patch
     if icfg.absolute_pos:
         dit["frame_embedding"] = grid_t
     if task == "i2v":
         dit["image_condition"] = True
-    video = ShapesPolicy(task, size=image.size, frames=frames or image.frames, text_dim=args["text_dim"],
+    video = ShapesPolicy(task, size=image.size, frames=frames, text_dim=args["text_dim"],
                          text_layers=args["text_layers"], dit=dit)
     src, dst = image.state_dict(), video.state_dict()
     pt, ph, pw = video.dit.config.patch_size
-    c = icfg.in_channels
     for name, value in src.items():
         if name not in dst:
             raise ValueError(f"inflate_image_policy: parameter {name!r} has no counterpart in the video model")
-        if name == "dit.patch_embed.weight":  # (hidden, C_in * 1 * ph * pw) -> (hidden, C_in' * pt * ph * pw)
-            w = dst[name].zero_().view(value.shape[0], -1, pt, ph * pw)
-            w[:, :c] = value.view(value.shape[0], c, 1, ph * pw) / pt
+        if name == "dit.patch_embed.weight":
+            _copy_latent_patch_embed(dst[name], value, icfg.in_channels, 1, pt)
         elif name in ("dit.final.linear.weight", "dit.final.linear.bias"):  # rows (C_out, 1, ph, pw)
             co = icfg.output_channels
             dst[name].view(co, pt, ph * pw, -1).copy_(value.view(co, 1, ph * pw, -1).expand(co, pt, ph * pw, -1))
@@ -174,15 +184,15 @@ def add_image_condition(t2v: ShapesPolicy) -> ShapesPolicy:
     start at zero, so the model starts as the text-to-video model and learns to use the frame."""
     if t2v.task != "t2v":
         raise ValueError(f"add_image_condition: expected a 't2v' policy, got task {t2v.task!r}")
-    args = json.loads(json.dumps(t2v._init_args))
+    args = copy.deepcopy(t2v._init_args)
     args["dit"]["patch_size"] = tuple(args["dit"]["patch_size"])
     args["dit"]["image_condition"] = True
     i2v = ShapesPolicy("i2v", **{k: v for k, v in args.items() if k != "task"})
     dst = i2v.state_dict()
+    pt = t2v.dit.config.patch_size[0]
     for name, value in t2v.state_dict().items():
-        if name == "dit.patch_embed.weight":  # (hidden, C * P) -> (hidden, (2C + 1) * P), latent first
-            dst[name].zero_().view(value.shape[0], -1, value.shape[1] // t2v.dit.config.in_channels)[
-                :, :t2v.dit.config.in_channels] = value.view(value.shape[0], t2v.dit.config.in_channels, -1)
+        if name == "dit.patch_embed.weight":
+            _copy_latent_patch_embed(dst[name], value, t2v.dit.config.in_channels, pt, pt)
         else:
             dst[name].copy_(value)
     i2v.load_state_dict(dst)
@@ -190,11 +200,8 @@ def add_image_condition(t2v: ShapesPolicy) -> ShapesPolicy:
 
 
 def _save_ema(policy: ShapesPolicy, ema: dict, out: Path, *, step: int) -> None:
-    """Save the EMA weights (atomically, via save_pretrained) without disturbing training."""
-    live = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    policy.load_state_dict(ema)
-    policy.save_pretrained(out)
-    policy.load_state_dict(live)
+    """Save the EMA weights (atomically, via save_pretrained) without touching the live ones."""
+    policy.save_pretrained(out, state_dict=ema)
     (out / "progress.json").write_text(json.dumps({"step": step}))
 
 
@@ -240,13 +247,10 @@ def main(argv=None):
         p.error("--init-t2v starts an i2v model: use it with --task i2v")
     if args.init:  # continue from an earlier run's weights (same architecture)
         policy = ShapesPolicy.from_pretrained(args.init)
-        policy.train()
     elif args.init_image:
         policy = inflate_image_policy(ShapesPolicy.from_pretrained(args.init_image), args.task, frames=args.frames)
-        policy.train()
     elif args.init_t2v:
         policy = add_image_condition(ShapesPolicy.from_pretrained(args.init_t2v))
-        policy.train()
     else:
         policy = ShapesPolicy(args.task, size=args.size, frames=args.frames, dit=json.loads(args.dit))
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
