@@ -41,7 +41,7 @@ env: setup
 
 # The shipped shapes base models, as they were made: about 4 hours on 2 CPU cores (the same
 # weights bit for bit only on the same CPU and torch build). Writes $(SHAPES_OUT); copy a
-# model folder to dancegrpo/assets/shapes_<task>/ to ship it. Video models start from image
+# model folder to src/dancegrpo/assets/shapes_<task>/ to ship it. Video models start from image
 # weights (inflated), image-to-video from text-to-video: see dancegrpo/worlds/shapes/pretrain.py.
 SHAPES_OUT ?= build/shapes
 PRETRAIN   := $(PY) -m dancegrpo.worlds.shapes.pretrain --label-noise 0.25 --threads 1
@@ -52,4 +52,4 @@ base-models: setup
 	$(PRETRAIN) --task i2v --steps 4000 --batch 16 --lr 5e-4 --seed 3 --init-t2v $(SHAPES_OUT)/t2v/step_2500 --out $(SHAPES_OUT)/i2v
 
 clean:
-	rm -rf $(VENV) build *.egg-info dancegrpo/_C*.so
+	rm -rf $(VENV) build *.egg-info src/dancegrpo/_C*.so

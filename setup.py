@@ -18,7 +18,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # kernels/ is installed as dancegrpo.kernels (see [tool.setuptools] package-dir).
-PACKAGES = find_packages(include=["dancegrpo", "dancegrpo.*"]) + ["dancegrpo.kernels"]
+PACKAGES = find_packages("src", include=["dancegrpo", "dancegrpo.*"]) + ["dancegrpo.kernels"]
 
 
 def _extensions():

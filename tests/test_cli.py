@@ -9,7 +9,7 @@ import pytest
 
 from dancegrpo.cli import main
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
+CONFIG = str(Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs" / "toy.yaml")
 QUIET = ["log.progress=false", "log.num_sample_prompts=2", "checkpoint_every=0"]
 
 
@@ -77,8 +77,7 @@ def test_module_entry_point_eval_stdout_is_json():
 
 
 def test_unavailable_model_and_missing_checkpoint_are_clear_errors(tmp_path, capsys):
-    flux = str(Path(CONFIG).parent / "flux.yaml")
-    assert main(["eval", flux]) == 2
+    assert main(["eval", CONFIG, "model.name=flux"]) == 2
     assert "diffusers adapter" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err

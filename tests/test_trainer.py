@@ -17,7 +17,7 @@ from dancegrpo.trainer.timesteps import TimestepSelector
 from dancegrpo.trainer.update import RatioCheckWarning
 from dancegrpo.worlds.toy import ToyColourReward, ToyModel, ToyPromptDataset, build_toy_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
 
 
 def toy_cfg(tmp_path, *overrides):

@@ -15,7 +15,7 @@ from dancegrpo.trainer import Trainer, load_config
 from dancegrpo.trainer import checkpoint as ck
 from dancegrpo.trainer.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
 
 
 def toy_cfg(out, *overrides):

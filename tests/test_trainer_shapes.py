@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
 
 
 @pytest.mark.parametrize("task", ["t2i", "t2v", "i2v"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_t2i.yaml"
+REPO_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_t2i.yaml"
 
 
 def _evaluate(model, cfg, items, rewards, device):
