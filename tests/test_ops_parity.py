@@ -15,6 +15,7 @@ import torch
 
 import dancegrpo as dg
 from dancegrpo.ops import get_backend
+from dancegrpo.ops import reference as R
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
@@ -338,9 +339,9 @@ def _grpo(backend, tensors, v_ref, coeffs, old, adv, beta):
     return loss.detach(), stats, torch.autograd.grad(loss, leaves)
 
 
-def _grpo_reference(tensors, v_ref, coeffs, old, adv, beta, logp_at, dtype):
-    """grpo_step_loss composed from the reference ops in ``dtype`` (its docstring's "equivalent
-    PyTorch"), with the clipped loss evaluated at ``logp_at``, the backend's own log-probs.
+def _grpo_reference(tensors, v_ref, coeffs, old, adv, beta, logp_at, dtype, monkeypatch):
+    """``reference.grpo_step_loss_ref`` (the op's readable spec) in ``dtype``, with the clipped
+    loss evaluated at ``logp_at``, the backend's own log-probs.
 
     The loss, its statistics and the gradient's per-sample factor depend on logp through
     exp(logp - old) with log-ratios near 1e-4, so an fp32-level difference in logp (checked on its
@@ -348,15 +349,17 @@ def _grpo_reference(tensors, v_ref, coeffs, old, adv, beta, logp_at, dtype):
     stage against float64 given its input. The gradient still flows through the reference logp.
     """
     leaves = _leaves(tensors, dtype)
-    lp = dg.step_logprob(*leaves, coeffs, backend="torch")
-    lp = lp + (logp_at.to(dtype) - lp).detach()
-    loss, stats = dg.clipped_ratio_loss(lp, old.to(dtype), adv.to(dtype), clip_range=1e-4, clip_range_high=2e-4,
-                                        backend="torch")
-    if v_ref is not None:
-        msd = ((leaves[0] - v_ref.to(dtype)) ** 2).flatten(1).mean(1)
-        kl = coeffs.b.to(dtype) ** 2 * msd / (2 * coeffs.std.to(dtype) ** 2)
-        stats["kl"] = kl.detach().mean()
-        loss = loss + beta * kl.mean()
+    exact = R.step_logprob_ref
+
+    def at_backend_logp(*args, **kw):
+        lp, msd = exact(*args, **kw)
+        return lp + (logp_at.to(lp.dtype) - lp).detach(), msd
+
+    with monkeypatch.context() as m:
+        m.setattr(R, "step_logprob_ref", at_backend_logp)
+        loss, stats = R.grpo_step_loss_ref(*leaves, coeffs.a, coeffs.b, coeffs.std, old.to(dtype), adv.to(dtype),
+                                           clip_low=1e-4, clip_high=2e-4,
+                                           v_ref=None if v_ref is None else v_ref.to(dtype), beta=beta)
     return loss.detach(), stats, torch.autograd.grad(loss, leaves)
 
 
@@ -375,7 +378,7 @@ def _grpo_cases():
 
 @pytest.mark.parametrize("with_ref", [False, True])
 @pytest.mark.parametrize("backend, shape, dtypes", _grpo_cases())
-def test_grpo_step_loss(backend, shape, dtypes, with_ref, seed):
+def test_grpo_step_loss(backend, shape, dtypes, with_ref, seed, monkeypatch):
     require(backend)
     batch = shape[0]
     coeffs = random_coeffs(batch)
@@ -390,8 +393,8 @@ def test_grpo_step_loss(backend, shape, dtypes, with_ref, seed):
     loss, stats, grads = _grpo(backend, tensors, v_ref, coeffs, old, adv, beta)
     assert set(stats) == {"clip_fraction", "approx_kl", "ratio_mean", "logp"} | ({"kl"} if with_ref else set())
     assert_close("logp", stats["logp"], lp64, lp32, FWD_TOL, scale=logp_scale(lp64, coeffs, math.prod(shape[1:]), "mean"))
-    loss32, stats32, grads32 = _grpo_reference(tensors, v_ref, coeffs, old, adv, beta, stats["logp"], F32)
-    loss64, stats64, grads64 = _grpo_reference(tensors, v_ref, coeffs, old, adv, beta, stats["logp"], F64)
+    loss32, stats32, grads32 = _grpo_reference(tensors, v_ref, coeffs, old, adv, beta, stats["logp"], F32, monkeypatch)
+    loss64, stats64, grads64 = _grpo_reference(tensors, v_ref, coeffs, old, adv, beta, stats["logp"], F64, monkeypatch)
     # The loss averages terms of size |A| ratio (ratio ~ 1) plus beta * KL.
     scale = adv.abs().mean().item() + beta * (stats64["kl"].item() if with_ref else 0.0)
     assert_close("loss", loss, loss64, loss32, FWD_TOL, scale=scale)

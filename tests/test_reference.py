@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dancegrpo as dg
+from dancegrpo.ops import reference as R
 
 F64 = dict(dtype=torch.float64)
 
@@ -47,6 +48,50 @@ def test_gradcheck_grpo_step_loss(seed):
     f = lambda v: dg.grpo_step_loss(v, x, y, c, old, adv, clip_range=0.5, ref_model_output=v_ref, beta=0.1,
                                     backend="torch")[0]
     assert torch.autograd.gradcheck(f, (v,))
+    g = lambda v: R.grpo_step_loss_ref(v, x, y, c.a, c.b, c.std, old, adv, clip_low=0.5, clip_high=0.5, v_ref=v_ref,
+                                       beta=0.1)[0]
+    torch.testing.assert_close(f(v), g(v), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_grpo_step_loss_is_its_reference(with_ref, seed):
+    """grpo_step_loss (float64, torch backend) against grpo_step_loss_ref: loss, every statistic and
+    the gradients, with asymmetric clipping and ratios on both sides of the clip range."""
+    B = 6
+    v = torch.randn(B, 2, 3, 4, **F64)
+    x, y = torch.randn(B, 2, 3, 4, **F64), torch.randn(B, 2, 3, 4, **F64)
+    v_ref = v + 0.1 * torch.randn_like(v) if with_ref else None
+    c = _coeffs(B)
+    lp = R.step_logprob_ref(v, x, y, c.a, c.b, c.std)[0]
+    old = lp - torch.tensor([0.3, -0.3, 0.05, -0.05, 0.15, -0.01], **F64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.7, -2.0, 0.3], **F64)
+    kw = dict(clip_range=0.1, clip_range_high=0.2, ref_model_output=v_ref, beta=0.05 if with_ref else 0.0)
+    leaf, leaf_ref = v.clone().requires_grad_(), v.clone().requires_grad_()
+    loss, stats = dg.grpo_step_loss(leaf, x, y, c, old, adv, backend="torch", **kw)
+    want, want_stats = R.grpo_step_loss_ref(leaf_ref, x, y, c.a, c.b, c.std, old, adv, clip_low=0.1, clip_high=0.2,
+                                            v_ref=v_ref, beta=kw["beta"])
+    assert set(stats) == set(want_stats) == {"clip_fraction", "approx_kl", "ratio_mean", "logp"} | (
+        {"kl"} if with_ref else set())
+    assert 0 < want_stats["clip_fraction"] < 1
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    for key in want_stats:
+        torch.testing.assert_close(stats[key], want_stats[key], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], torch.autograd.grad(want, leaf_ref)[0],
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_grpo_step_loss_ref_kl_is_the_gaussian_kl(seed):
+    """The reference's KL is KL(N(mean_theta, std^2) || N(mean_ref, std^2)) per element, averaged."""
+    B = 3
+    v, x, y = (torch.randn(B, 10, **F64) for _ in range(3))
+    v_ref = v + 0.2 * torch.randn_like(v)
+    c = _coeffs(B)
+    _, stats = R.grpo_step_loss_ref(v, x, y, c.a, c.b, c.std, torch.zeros(B, **F64), torch.zeros(B, **F64),
+                                    v_ref=v_ref)
+    a, b, s = (t.double()[:, None] for t in (c.a, c.b, c.std))
+    normal = torch.distributions.Normal
+    kl = torch.distributions.kl_divergence(normal(a * x + b * v, s.expand(B, 10)), normal(a * x + b * v_ref, s.expand(B, 10)))
+    torch.testing.assert_close(stats["kl"], kl.mean(1).mean())
 
 
 def test_gradcheck_clipped_ratio_loss(seed):

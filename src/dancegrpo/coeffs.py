@@ -1,6 +1,6 @@
 """Per-sample coefficients of one sampler step, written as an affine Gaussian.
 
-Every sampler DanceGRPO and its peers train with takes the form (SPEC section 1)
+Every sampler DanceGRPO and its peers train with takes the form (docs/math.md)
 
     mean = a * x + b * v,        y = mean + std * eps,
 
@@ -18,6 +18,7 @@ import torch
 __all__ = ["StepCoeffs", "flow_sde_coeffs", "ddim_coeffs", "flow_schedule"]
 
 _VARIANTS = ("dance", "flow_grpo", "cps")
+_LOGPROBS = ("gaussian", "mse")  # = ops.reference.LOGPROBS (kept here so importing coeffs stays light)
 
 
 def _as_f64(value, name: str) -> torch.Tensor:
@@ -44,13 +45,22 @@ class StepCoeffs:
     ``a``, ``b``, ``std``: fp32 tensors of shape ``(B,)`` (shape ``()`` or ``(1,)`` broadcasts
     over the batch). ``std == 0`` is allowed (a deterministic ODE step) but such a step has no
     log-probability: ``step_logprob`` and ``sample_step`` reject it.
+
+    ``logprob`` is what the ops report as the step's log-probability (docs/math.md,
+    "Log-prob conventions"): ``"gaussian"`` (default) the exact log N(y; mean, std^2) per
+    element; ``"mse"`` Flow-GRPO's CPS surrogate ``-(y - mean)^2`` per element (no 1/(2 std^2),
+    no log std, no log sqrt(2 pi)), with which the same clip range trains differently.
+    Either is averaged (or summed) over a sample's elements.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     std: torch.Tensor
+    logprob: str = "gaussian"
 
     def __post_init__(self):
+        if self.logprob not in _LOGPROBS:
+            raise ValueError(f"StepCoeffs.logprob must be one of {_LOGPROBS}, got {self.logprob!r}")
         fields = {}
         for name in ("a", "b", "std"):
             t = getattr(self, name)
@@ -104,16 +114,17 @@ class StepCoeffs:
             )
 
     def to(self, device) -> StepCoeffs:
-        return StepCoeffs(self.a.to(device), self.b.to(device), self.std.to(device))
+        return StepCoeffs(self.a.to(device), self.b.to(device), self.std.to(device), self.logprob)
 
     def __getitem__(self, index) -> StepCoeffs:
         """Select samples, e.g. ``coeffs[idx]`` for a minibatch (scalars stay scalars)."""
         pick = lambda t: t if t.numel() == 1 else t[index]
-        return StepCoeffs(pick(self.a), pick(self.b), pick(self.std))
+        return StepCoeffs(pick(self.a), pick(self.b), pick(self.std), self.logprob)
 
 
-def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max=None) -> StepCoeffs:
-    """Rectified-flow SDE step from ``sigma`` to ``sigma_next < sigma`` (SPEC section 1).
+def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max=None,
+                    logprob: str = "gaussian") -> StepCoeffs:
+    """Rectified-flow SDE step from ``sigma`` to ``sigma_next < sigma`` (docs/math.md).
 
     variant:
       ``"dance"``      DanceGRPO: g = eta.
@@ -124,10 +135,16 @@ def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max
 
     Then (Euler-Maruyama of dx = (v - g^2/2 score) dt + g dw, score = -(x + (1-sigma) v)/sigma):
         a = 1 + g^2 d / (2 sigma);  b = d (1 + g^2 (1 - sigma) / (2 sigma));  std = g sqrt(-d)
-    with d = sigma_next - sigma. ``eta = 0`` gives the ODE step (std = 0).
+    with d = sigma_next - sigma. ``eta = 0`` gives the deterministic Euler (ODE) step
+    a = 1, b = d, std = 0 in every variant (apply it with :func:`dancegrpo.ode_step`).
+
+    logprob: ``"gaussian"`` (default, exact) or ``"mse"``, the surrogate Flow-GRPO's code uses
+    with CPS (``variant="cps", logprob="mse"`` reproduces its log-probs); see :class:`StepCoeffs`.
     """
     if variant not in _VARIANTS:
         raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
+    if logprob not in _LOGPROBS:
+        raise ValueError(f"logprob must be one of {_LOGPROBS}, got {logprob!r}")
     s = _as_f64(sigma, "sigma")
     sn = _as_f64(sigma_next, "sigma_next")
     e = _as_f64(eta, "eta")
@@ -145,7 +162,7 @@ def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max
         # mean = (1 - s') (x - s v) + c (x + (1 - s) v)
         a = (1 - sn) + c
         b = -(1 - sn) * s + c * (1 - s)
-        return StepCoeffs(a.float(), b.float(), std.float())
+        return StepCoeffs(a.float(), b.float(), std.float(), logprob)
     if variant == "dance":
         g = e.expand_as(s) if e.dim() < s.dim() else e
     else:
@@ -162,15 +179,16 @@ def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max
     a = 1 + g * g * d / (2 * s)
     b = d * (1 + g * g * (1 - s) / (2 * s))
     std = g * torch.sqrt(-d)
-    return StepCoeffs(a.float(), b.float(), std.float())
+    return StepCoeffs(a.float(), b.float(), std.float(), logprob)
 
 
 def ddim_coeffs(alpha_bar, alpha_bar_prev, eta) -> StepCoeffs:
-    """DDIM step with noise ``eta`` for an epsilon-prediction model (SPEC section 1).
+    """DDIM step with noise ``eta`` for an epsilon-prediction model (docs/math.md).
 
     x0 = (x - sqrt(1 - ab) eps) / sqrt(ab);  std = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab')
     mean = sqrt(ab') x0 + sqrt(1 - ab' - std^2) eps, i.e. a = sqrt(ab' / ab) and
-    b = sqrt(1 - ab' - std^2) - sqrt(ab') sqrt(1 - ab) / sqrt(ab).
+    b = sqrt(1 - ab' - std^2) - sqrt(ab') sqrt(1 - ab) / sqrt(ab). ``eta = 0`` is deterministic
+    DDIM (std = 0; apply it with :func:`dancegrpo.ode_step`).
     """
     ab = _as_f64(alpha_bar, "alpha_bar")
     abp = _as_f64(alpha_bar_prev, "alpha_bar_prev")

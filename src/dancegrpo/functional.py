@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from .coeffs import StepCoeffs
+from .ops import reference as ref
 from .ops import validate as check
 from .ops.dispatch import select_backend
-from .ops.reference import AGGREGATES, REDUCTIONS, STD_MODES
+from .ops.reference import AGGREGATES, LOG_SQRT_2PI, REDUCTIONS, STD_MODES
 
-__all__ = ["step_logprob", "sample_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss"]
+__all__ = ["step_logprob", "sample_step", "ode_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss"]
 
 
 def _coeffs(op: str, coeffs, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,6 +30,21 @@ def _contig(*ts):
     return tuple(None if t is None else t.contiguous() for t in ts)
 
 
+# Every backend computes the Gaussian log-density. Flow-GRPO's CPS surrogate -(y - mean)^2 (per
+# element, coeffs.logprob == "mse") is that density at std = 1, -(y - mean)^2 / 2 - log sqrt(2 pi),
+# plus log sqrt(2 pi), times 2: exact scalings (a power of two) of the same kernels' values and
+# gradients, so no backend needs a second kernel. The KL keeps the step's real std.
+def _kernel_std(coeffs: StepCoeffs, std: torch.Tensor) -> torch.Tensor:
+    return std if coeffs.logprob == "gaussian" else torch.ones_like(std)
+
+
+def _from_kernel(coeffs: StepCoeffs, logp: torch.Tensor, reduction: str, like: torch.Tensor) -> torch.Tensor:
+    if coeffs.logprob == "gaussian":
+        return logp
+    per_sample = like[0].numel() if reduction == "sum" else 1
+    return 2 * (logp + LOG_SQRT_2PI * per_sample)
+
+
 def step_logprob(model_output, latents, next_latents, coeffs, *, reduction="mean", backend="auto"):
     """Log-probability of ``next_latents`` under the Gaussian step from ``latents``.
 
@@ -41,6 +57,9 @@ def step_logprob(model_output, latents, next_latents, coeffs, *, reduction="mean
         mean = a[:, None] * x.flatten(1) + b[:, None] * v.flatten(1)
         logp = (-(y.flatten(1) - mean) ** 2 / (2 * std[:, None] ** 2)
                 - std[:, None].log() - 0.5 * math.log(2 * math.pi)).mean(1)
+
+    With ``coeffs.logprob == "mse"`` (Flow-GRPO's CPS convention, docs/math.md):
+    ``logp = (-(y.flatten(1) - mean) ** 2).mean(1)``.
     """
     op = "step_logprob"
     check.choice(op, "reduction", reduction, ("mean", "sum"))
@@ -48,7 +67,8 @@ def step_logprob(model_output, latents, next_latents, coeffs, *, reduction="mean
     a, b, std = _coeffs(op, coeffs, batch, device)
     impl = select_backend(op, backend, (model_output, latents, next_latents))
     v, x, y = _contig(model_output, latents, next_latents)
-    return impl.step_logprob(v, x, y, None, a, b, std, reduction)[0]
+    logp = impl.step_logprob(v, x, y, None, a, b, _kernel_std(coeffs, std), reduction)[0]
+    return _from_kernel(coeffs, logp, reduction, latents)
 
 
 def sample_step(model_output, latents, coeffs, *, noise=None, generator=None, reduction="mean", backend="auto"):
@@ -58,6 +78,9 @@ def sample_step(model_output, latents, coeffs, *, noise=None, generator=None, re
     fp32 of the stored next_latents (so ``step_logprob`` on them reproduces it). Not
     differentiable (rollouts run without grad). ``noise=None`` draws N(0, 1) from
     ``generator`` (on the Triton backend, inside the kernel from a seed the generator gives).
+    The noise always has the step's std; logp follows ``coeffs.logprob`` (with ``"mse"`` it is
+    computed by a second pass over the stored sample, exactly as ``step_logprob`` computes it).
+    For the deterministic step (std = 0) use :func:`ode_step`.
     """
     op = "sample_step"
     check.choice(op, "reduction", reduction, ("mean", "sum"))
@@ -70,15 +93,70 @@ def sample_step(model_output, latents, coeffs, *, noise=None, generator=None, re
     impl = select_backend(op, backend, (model_output, latents, noise))
     v, x, n = _contig(model_output, latents, noise)
     with torch.no_grad():
-        return impl.sample_step(v.detach(), x.detach(), None if n is None else n.detach(), generator,
-                                a, b, std, reduction)
+        y, logp = impl.sample_step(v.detach(), x.detach(), None if n is None else n.detach(), generator,
+                                   a, b, std, reduction)
+        if coeffs.logprob != "gaussian":
+            logp = impl.step_logprob(v.detach(), x.detach(), y, None, a, b, _kernel_std(coeffs, std), reduction)[0]
+            logp = _from_kernel(coeffs, logp, reduction, latents)
+    return y, logp
 
 
-def group_advantages(rewards, group_size, *, weights=None, std="group", unbiased=True, eps=1e-8, clip=5.0,
-                     aggregate="advantage", nan_policy="raise", backend="auto"):
-    """Group-normalised advantages (SPEC section 3), groups contiguous in the batch.
+def ode_step(model_output, latents, coeffs):
+    """The deterministic step ``a * latents + b * model_output``, returned in ``latents.dtype``.
 
-    rewards: (B,) or (B, K) for K reward models, B = prompts * group_size. weights: (K,)
+    The math runs in fp32 (fp64 when latents or model_output are fp64) whatever the input
+    dtypes, and is differentiable. ``coeffs.std`` is ignored: with eta = 0 coefficients
+    (``flow_sde_coeffs(s, s_next, 0.0)``: a = 1, b = s_next - s, the Euler step;
+    ``ddim_coeffs(ab, ab_prev, 0.0)``: deterministic DDIM; or a sampler's ``ode_coeffs(i)``)
+    this is the ODE step used outside a training window; with eta > 0 coefficients it is the
+    mean of that stochastic step (not the ODE step).
+
+    Equivalent PyTorch::
+
+        y = (a.view(-1, 1, ...) * latents.float() + b.view(-1, 1, ...) * model_output.float()).to(latents.dtype)
+    """
+    op = "ode_step"
+    batch, device = check.latents(op, model_output=model_output, latents=latents)
+    if not isinstance(coeffs, StepCoeffs):
+        raise TypeError(f"{op}: coeffs must be a StepCoeffs (see flow_sde_coeffs / ddim_coeffs), "
+                        f"got {type(coeffs).__name__}")
+    a, b, _ = coeffs.expand(batch, device)
+    dt = ref.compute_dtype(model_output, latents)
+    col = (batch,) + (1,) * (latents.dim() - 1)
+    y = a.to(dt).view(col) * latents.to(dt) + b.to(dt).view(col) * model_output.to(dt)
+    return y.to(latents.dtype)
+
+
+def _group_ids(op: str, batch: int, device, group_size, group_ids) -> torch.Tensor | None:
+    """Validate the grouping; None for contiguous groups, else dense (B,) int64 ids on ``device``."""
+    if (group_size is None) == (group_ids is None):
+        raise ValueError(f"{op}: pass group_size (contiguous groups) or group_ids (any grouping), exactly one")
+    if group_ids is None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"{op}: group_size must be a positive int, got {group_size!r}")
+        if batch % group_size:
+            raise ValueError(f"{op}: group_size={group_size} does not divide the batch B={batch}")
+        return None
+    if not isinstance(group_ids, torch.Tensor):
+        group_ids = torch.as_tensor(group_ids)
+    if group_ids.dtype == torch.bool or group_ids.is_floating_point() or group_ids.is_complex():
+        raise TypeError(f"{op}: group_ids must be an integer tensor (one group id per sample), got {group_ids.dtype}")
+    if group_ids.shape != (batch,):
+        raise ValueError(f"{op}: group_ids must have shape ({batch},) (one id per sample), got {tuple(group_ids.shape)}")
+    return ref.dense_group_ids(group_ids.to(device=device, dtype=torch.long, non_blocking=True))
+
+
+def group_advantages(rewards, group_size=None, *, group_ids=None, weights=None, std="group", unbiased=True,
+                     eps=1e-8, clip=5.0, aggregate="advantage", nan_policy="raise", backend="auto"):
+    """Group-normalised advantages (docs/math.md, "Advantages").
+
+    Groups: ``group_size`` (contiguous groups, B = prompts * group_size) or ``group_ids`` (B,)
+    integers, e.g. a prompt index per sample: groups in any order and of any sizes, as a
+    multi-process run gathers them. The ``group_ids`` form runs the PyTorch reference on every
+    backend (B numbers: a fused kernel would gain nothing). A group of one (valid) sample gets
+    advantage 0: it is its own mean.
+
+    rewards: (B,) or (B, K) for K reward models. weights: (K,)
     (default all ones). std: ``"group"`` (DanceGRPO), ``"global"`` (Flow-GRPO: per-group mean,
     batch-wide std), ``"none"`` (Dr.GRPO). aggregate: ``"advantage"`` sums the weighted
     per-reward advantages, ``"reward"`` normalises the weighted reward sum (MixGRPO).
@@ -101,10 +179,7 @@ def group_advantages(rewards, group_size, *, weights=None, std="group", unbiased
         raise ValueError(f"{op}: rewards is empty (shape {tuple(rewards.shape)})")
     r = rewards.detach().reshape(rewards.shape[0], -1)
     batch, k = r.shape
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{op}: group_size must be a positive int, got {group_size!r}")
-    if batch % group_size:
-        raise ValueError(f"{op}: group_size={group_size} does not divide the batch B={batch}")
+    ids = _group_ids(op, batch, r.device, group_size, group_ids)
     check.choice(op, "std", std, STD_MODES)
     check.choice(op, "aggregate", aggregate, AGGREGATES)
     check.choice(op, "nan_policy", nan_policy, ("raise", "drop"))
@@ -129,7 +204,10 @@ def group_advantages(rewards, group_size, *, weights=None, std="group", unbiased
         bad = (~finite).nonzero().flatten().tolist()
         raise ValueError(f"{op}: rewards has non-finite values at samples {bad[:10]}; pass "
                          "nan_policy='drop' to give them advantage 0 and leave them out of the statistics")
-    impl = select_backend(op, backend, (r,))
+    impl = select_backend(op, backend, (r,))  # also for group_ids: a bad or unavailable backend still says so
+    if ids is not None:
+        return ref.group_advantages_by_ids_ref(r, w, ids, std=std, unbiased=unbiased, eps=eps, clip=clip,
+                                               aggregate=aggregate, drop_nonfinite=nan_policy == "drop")
     return impl.group_advantages(r, w, group_size, std, unbiased, eps, clip, aggregate, nan_policy == "drop")
 
 
@@ -148,7 +226,7 @@ def _clip_ranges(op, clip_range, clip_range_high):
 
 def clipped_ratio_loss(logp, old_logp, advantages, *, clip_range=1e-4, clip_range_high=None, ref_logp=None,
                        beta=0.0, reduction="mean", backend="auto"):
-    """PPO/GRPO clipped surrogate on per-sample log-probs (SPEC section 4).
+    """PPO/GRPO clipped surrogate on per-sample log-probs (docs/math.md, "The loss").
 
     logp, old_logp, advantages, ref_logp: (B,). ``loss = mean(max(-A r, -A clamp(r, 1 - lo,
     1 + hi)))`` with r = exp(logp - old_logp), lo = clip_range, hi = clip_range_high (default
@@ -185,7 +263,10 @@ def grpo_step_loss(model_output, latents, next_latents, coeffs, old_logp, advant
     (B, ...) from the frozen reference, for the KL ``b^2 mean((v - v_ref)^2) / (2 std^2)``.
     The big tensors are read once forward and once backward (one elementwise pass).
     Returns ``(loss, stats)``: 0-d loss; stats: clip_fraction, approx_kl, ratio_mean, kl
-    (mean exact KL, when ref_model_output is given) and logp (B,), all detached.
+    (mean exact KL, when ref_model_output is given) and logp (B,), all detached. The log-prob
+    follows ``coeffs.logprob``; the KL is always the exact Gaussian KL of the step (its real
+    std), which is also what Flow-GRPO computes for CPS. The readable spec is
+    ``dancegrpo.ops.reference.grpo_step_loss_ref``.
 
     Equivalent PyTorch::
 
@@ -206,7 +287,8 @@ def grpo_step_loss(model_output, latents, next_latents, coeffs, old_logp, advant
     impl = select_backend(op, backend, (model_output, latents, next_latents, ref_model_output))
     v, x, y, v_ref = _contig(model_output, latents, next_latents,
                              None if ref_model_output is None else ref_model_output.detach())
-    logp, msd = impl.step_logprob(v, x, y, v_ref, a, b, std, "mean")
+    logp, msd = impl.step_logprob(v, x, y, v_ref, a, b, _kernel_std(coeffs, std), "mean")
+    logp = _from_kernel(coeffs, logp, "mean", latents)
     loss, raw = impl.clipped_ratio_loss(logp, *_contig(old_logp.detach().to(logp.dtype), advantages.detach().to(logp.dtype)),
                                         None, low, high, 0.0, "mean")
     stats = _stats(raw)

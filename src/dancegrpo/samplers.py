@@ -1,4 +1,4 @@
-"""Samplers: the scalar side of a rollout (SPEC section 1).
+"""Samplers: the scalar side of a rollout (the math: docs/math.md).
 
 A sampler turns a step index ``i`` (from ``i`` to ``i + 1``, ``i = 0..num_steps-1``) into
 
@@ -20,6 +20,7 @@ import math
 import torch
 
 from .coeffs import StepCoeffs, ddim_coeffs, flow_schedule, flow_sde_coeffs
+from .functional import ode_step
 
 __all__ = ["FlowSampler", "DDIMSampler", "scaled_linear_alphas_cumprod", "build_sampler"]
 
@@ -73,7 +74,7 @@ class _Sampler:
     def _step(self, table: StepCoeffs, i, batch: int | None) -> StepCoeffs:
         idx = self._index(i)
         pick = lambda t: self._per_sample(t[idx], batch)
-        return StepCoeffs(pick(table.a), pick(table.b), pick(table.std))
+        return StepCoeffs(pick(table.a), pick(table.b), pick(table.std), table.logprob)
 
     def coeffs(self, i, batch: int | None = None) -> StepCoeffs:
         """The SDE step ``i -> i + 1`` as per-sample ``StepCoeffs`` ((batch,) fields)."""
@@ -89,9 +90,7 @@ class _Sampler:
 
     def ode_step(self, i, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The deterministic step (the sampler with eta = 0): ``y = a0 x + b0 v``, in x's dtype."""
-        c = self.ode_coeffs(i)
-        y = _broadcast(c.a, x) * x.float() + _broadcast(c.b, x) * v.float()
-        return y.to(x.dtype)
+        return ode_step(v, x, self.ode_coeffs(i))
 
 
 class FlowSampler(_Sampler):
@@ -99,11 +98,14 @@ class FlowSampler(_Sampler):
 
     sigmas from :func:`dancegrpo.flow_schedule` (``num_steps + 1`` values, 1 -> 0). The model
     predicts the velocity ``v``; ``x0 = x - sigma v``; the ODE step is ``y = x + (sigma' - sigma) v``.
+    ``logprob="mse"`` gives the SDE steps Flow-GRPO's CPS log-prob convention (see
+    :class:`dancegrpo.StepCoeffs`); a trainer that stores (a, b, std) must carry it too.
     """
 
     prediction = "velocity"
 
-    def __init__(self, num_steps: int, shift: float = 1.0, eta: float = 0.3, variant: str = "dance"):
+    def __init__(self, num_steps: int, shift: float = 1.0, eta: float = 0.3, variant: str = "dance",
+                 logprob: str = "gaussian"):
         self.num_steps = _check_int("num_steps", num_steps)
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
             raise ValueError(f"shift must be a float > 0, got {shift!r}")
@@ -117,7 +119,8 @@ class FlowSampler(_Sampler):
         s, sn = self.sigmas[:-1], self.sigmas[1:]
         # Flow-GRPO at sigma = 1 uses the schedule's next sigma in sqrt(sigma / (1 - sigma)).
         sigma_max = float(self.sigmas[1]) if variant == "flow_grpo" else None
-        self._sde = flow_sde_coeffs(s, sn, self.eta, variant=variant, sigma_max=sigma_max)
+        self._sde = flow_sde_coeffs(s, sn, self.eta, variant=variant, sigma_max=sigma_max, logprob=logprob)
+        self.logprob = logprob
         self._ode = flow_sde_coeffs(s, sn, 0.0)
 
     def model_timesteps(self, i, batch: int | None = None) -> torch.Tensor:
@@ -134,7 +137,9 @@ class FlowSampler(_Sampler):
         return (x.float() - _broadcast(s, x) * v.float()).to(x.dtype)
 
     def __repr__(self) -> str:
-        return f"FlowSampler(num_steps={self.num_steps}, shift={self.shift}, eta={self.eta}, variant={self.variant!r})"
+        extra = "" if self.logprob == "gaussian" else f", logprob={self.logprob!r}"
+        return (f"FlowSampler(num_steps={self.num_steps}, shift={self.shift}, eta={self.eta}, "
+                f"variant={self.variant!r}{extra})")
 
 
 def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -149,7 +154,7 @@ def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: fl
 
 
 class DDIMSampler(_Sampler):
-    """DDIM with noise ``eta`` for an epsilon-prediction model (SPEC section 1).
+    """DDIM with noise ``eta`` for an epsilon-prediction model (docs/math.md).
 
     alphas_cumprod: (T,) alpha-bar of the training schedule (e.g. 1000 steps). Timesteps use
     "leading" spacing ``t_i = (num_steps - 1 - i) * (T // num_steps) + steps_offset`` (SD 1.x:
@@ -201,7 +206,7 @@ class DDIMSampler(_Sampler):
 
 def build_sampler(kind: str, model=None, *, num_steps: int, eta: float, shift: float = 1.0,
                   variant: str = "dance", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                  beta_end: float = 0.012, steps_offset: int = 1):
+                  beta_end: float = 0.012, steps_offset: int = 1, logprob: str = "gaussian"):
     """A sampler from config values. ``kind="auto"`` follows ``model.prediction`` (velocity ->
     flow, epsilon -> DDIM). DDIM uses ``model.alphas_cumprod`` when the model has one, else the
     scaled-linear schedule from ``beta_start``/``beta_end``."""
@@ -211,8 +216,11 @@ def build_sampler(kind: str, model=None, *, num_steps: int, eta: float, shift: f
             raise ValueError(f"sampler kind 'auto' needs model.prediction 'velocity' or 'epsilon', got {prediction!r}")
         kind = "flow" if prediction == "velocity" else "ddim"
     if kind == "flow":
-        sampler = FlowSampler(num_steps, shift=shift, eta=eta, variant=variant)
+        sampler = FlowSampler(num_steps, shift=shift, eta=eta, variant=variant, logprob=logprob)
     elif kind == "ddim":
+        if logprob != "gaussian":
+            raise ValueError(f"logprob={logprob!r} is a flow-sampler convention (Flow-GRPO's CPS); "
+                             "the ddim sampler uses the Gaussian log-prob")
         ab = getattr(model, "alphas_cumprod", None)
         if ab is None:
             ab = scaled_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
