@@ -117,6 +117,8 @@ def test_a_fresh_run_never_wipes_an_existing_one(tmp_path):
     Trainer(toy_cfg(tmp_path, "max_steps=1", "overwrite=true")).train()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]  # step 2 went with the old run
     assert [m["step"] for m in _metrics(tmp_path)] == [1]
+    # the saved config continues the run (overwrite was this command's, not the run's)
+    assert Trainer(load_config(tmp_path / "config.yaml", ["resume=true", "max_steps=2"])).step == 1
 
 
 _KILL_SCRIPT = r"""

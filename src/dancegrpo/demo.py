@@ -50,18 +50,18 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     out = Path(args.out)
-    if not args.skip_ops:
-        print("== 1. fused ops vs the float64 reference ==", flush=True)
-        print(opscheck.format_table(opscheck.run(opscheck.VIDEO_LATENT), opscheck.VIDEO_LATENT), flush=True)
-
     run_dir = out / "run"
     overrides = [f"output_dir={run_dir}", "overwrite=true"]  # the demo's own previous run: start afresh
     if args.steps is not None:
         overrides.append(f"max_steps={args.steps}")
     if args.eval_prompts is not None:
         overrides.append(f"eval.num_prompts={args.eval_prompts}")
-    cfg = load_config(args.config, overrides + list(args.overrides))
+    cfg = load_config(args.config, overrides + list(args.overrides))  # a config mistake shows up first
     device = resolve_device(cfg.device)
+
+    if not args.skip_ops:
+        print("== 1. fused ops vs the float64 reference ==", flush=True)
+        print(opscheck.format_table(opscheck.run(opscheck.VIDEO_LATENT), opscheck.VIDEO_LATENT), flush=True)
     torch.manual_seed(cfg.seed)
     items = build_run_dataset(cfg, cfg.data.eval_split).fixed(cfg.eval.num_prompts)
     rewards = build_rewards(cfg.rewards)

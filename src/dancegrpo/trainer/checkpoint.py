@@ -183,8 +183,8 @@ class CheckpointManager:
         self._remove_stale_temps()
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             self._write(tmp, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state)
         except BaseException:  # an error or Ctrl-C mid-save: leave no half-written directory behind
             shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ checkpoint. Logged steps after the checkpoint (they are run again) move to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -58,9 +59,9 @@ __all__ = ["Trainer", "train", "select_best_of_k", "RUN_OUTPUTS"]
 
 log = logging.getLogger("dancegrpo.trainer")
 
-# What a run writes into its output_dir (overwrite=true deletes exactly these).
+# What a run writes into its output_dir and overwrite=true deletes (config.yaml is rewritten).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.discarded.jsonl", "tensorboard", "samples",
-               "reward_curve.png", "config.yaml")
+               "reward_curve.png")
 
 
 def select_best_of_k(advantages: torch.Tensor, valid: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
@@ -91,10 +92,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         # Cheap checks first, so a typo or a taken output_dir fails before a model loads.
-        for kind, name, key, given in [("model", cfg.model.name, "model.name", model),
-                                       ("dataset", cfg.data.name, "data.name", dataset)] + \
-                                      [("reward", r.name, f"rewards.{i}.name", rewards) for i, r in enumerate(cfg.rewards)]:
-            if given is None:
+        named = [("model", cfg.model.name, "model.name", model), ("dataset", cfg.data.name, "data.name", dataset)]
+        named += [("reward", r.name, f"rewards.{i}.name", rewards) for i, r in enumerate(cfg.rewards)]
+        for kind, name, key, given in named:
+            if given is None:  # an object passed in replaces the registry name
                 check_registered(kind, name, key)
         resume_path = self._claim_output_dir()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,10 @@ class Trainer:
         self.resumed_from = None
         if resume_path is not None:
             self._resume(resume_path)
-        save_config(cfg, self.out / "config.yaml")
+        # overwrite is what this command did to output_dir, not part of the run: a later
+        # `resume=true` from the saved config must not meet it
+        self.recorded_cfg = dataclasses.replace(cfg, overwrite=False)
+        save_config(self.recorded_cfg, self.out / "config.yaml")
 
     def _claim_output_dir(self) -> Path | None:
         """Check what output_dir holds against resume / overwrite; the checkpoint to resume from."""
@@ -323,7 +327,7 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(),
             rng_state=capture_rng(self.generators),
             run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
-            config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
             ema_state=self.ema.state_dict() if self.ema is not None else None,
         )
         log.info("saved checkpoint %s", path)
