@@ -1,13 +1,19 @@
-"""CLI smoke tests: train, eval (one JSON object on stdout), sample with best-of-K, errors."""
+"""The command line: train (by shipped name or path), eval (one JSON object on stdout), sample
+with best-of-K, `dancegrpo configs`; every user mistake is one line and exit 2, Ctrl-C is 130."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dancegrpo.cli import main
+from dancegrpo.trainer.checkpoint import CheckpointManager, verify_checkpoint
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs" / "toy.yaml")
 QUIET = ["log.progress=false", "log.num_sample_prompts=2", "checkpoint_every=0"]
@@ -59,14 +65,26 @@ def test_sample_best_of(trained_run, tmp_path):
     assert len(set(plain)) > 6  # the candidates differ, so the selection mattered
 
 
-def test_sample_needs_reward_for_best_of(tmp_path):
-    with pytest.raises(SystemExit, match="needs --reward"):
-        main(["sample", "--config", CONFIG, "--best-of", "2", "--out", str(tmp_path)])
+def one_line_error(capsys, argv, *needles, command=None):
+    """``main(argv)`` exits 2 and its last stderr line is ``dancegrpo CMD: error: ...`` with the needles."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"dancegrpo {command or argv[0]}: error: "), err
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+def test_sample_needs_reward_for_best_of(tmp_path, capsys):
+    one_line_error(capsys, ["sample", "--config", CONFIG, "--best-of", "2", "--out", str(tmp_path)], "needs --reward")
 
 
 def test_bad_override_is_a_clear_error(tmp_path, capsys):
-    assert main(["train", CONFIG, f"output_dir={tmp_path}", "optim.lrr=1"]) == 2
-    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    one_line_error(capsys, ["train", CONFIG, f"output_dir={tmp_path}", "optim.lrr=1"], "unknown config key 'optim.lrr'")
+    one_line_error(capsys, ["train", CONFIG, f"output_dir={tmp_path}", "max_steps", "3"], "key=value", "'max_steps'")
+    one_line_error(capsys, ["train", "max_steps=3"], "the first argument is the CONFIG")
 
 
 def test_module_entry_point_eval_stdout_is_json():
@@ -76,8 +94,148 @@ def test_module_entry_point_eval_stdout_is_json():
     assert json.loads(proc.stdout)["num_prompts"] == 4
 
 
-def test_unavailable_model_and_missing_checkpoint_are_clear_errors(tmp_path, capsys):
-    assert main(["eval", CONFIG, "model.name=flux"]) == 2
-    assert "diffusers adapter" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path)], "no complete checkpoint")
+    one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path / "nope")], "'" + str(tmp_path / "nope") + "'",
+                   "does not exist")
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    (["train", CONFIG, "rewards.0.name=toyy"], ("rewards.0.name", "unknown reward 'toyy'", "did you mean toy")),
+    (["eval", CONFIG, "model.name=toi"], ("model.name", "unknown model 'toi'", "did you mean toy")),
+    (["eval", CONFIG, "data.name=shapez"], ("data.name", "unknown prompt dataset 'shapez'", "shapes")),
+    (["eval", CONFIG, "model.kwargs.hiden=8"], ("model.name=toy", "hiden")),
+    (["sample", "--config", CONFIG, "--reward", "toyy", "--prompt", "red"], ("--reward", "unknown reward 'toyy'")),
+])
+def test_unknown_registry_names_and_arguments_are_one_line(tmp_path, capsys, argv, needles):
+    one_line_error(capsys, [*argv, f"output_dir={tmp_path}"], *needles)
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\nmax_steps: 10\n  output_dir: x\n")  # an indented key under a scalar
+    one_line_error(capsys, ["train", str(bad)], f"{bad}:3:", "invalid YAML", "mapping values are not allowed")
+
+
+def test_cuda_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(capsys, ["train", CONFIG, f"output_dir={tmp_path}", "device=cuda"], "device=cuda",
+                   "CUDA is not available")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_lora_without_peft_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails as if not installed
+    one_line_error(capsys, ["train", CONFIG, f"output_dir={tmp_path}", "lora.enabled=true", *QUIET],
+                   "lora.enabled=true needs", "pip install peft")
+
+
+def test_ema_on_a_run_without_ema_is_one_line(trained_run, capsys):
+    one_line_error(capsys, ["eval", "--checkpoint", str(trained_run), "--ema"], "--ema", "no EMA weights")
+    one_line_error(capsys, ["eval", CONFIG, "--ema"], "--ema needs --checkpoint")
+    one_line_error(capsys, ["eval", CONFIG, "--checkpoint", str(trained_run)], "not both")
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dancegrpo train: error:") and "config" in err[0]
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    from dancegrpo.trainer import loop
+
+    def broken(self):
+        raise ZeroDivisionError("a bug, not a user mistake")
+
+    monkeypatch.setattr(loop.Trainer, "train", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", CONFIG, f"output_dir={tmp_path}"])
+
+
+# --------------------------------------------------------------------------- configs by name
+
+
+def _shipped():
+    root = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
+    return {p.stem: p.read_text().splitlines()[0].lstrip("#").strip() for p in sorted(root.glob("*.yaml"))}
+
+
+def test_configs_lists_the_shipped_configs(capsys):
+    assert main(["configs"]) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert {"toy", "shapes_t2i", "shapes_t2v", "shapes_i2v"} <= set(rows)
+    assert rows == _shipped()
+    assert "toy world" in rows["toy"]
+
+
+def test_train_a_shipped_config_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no file called "toy" here: the name picks the shipped config
+    assert main(["train", "toy", "output_dir=run", "max_steps=2", *QUIET]) == 0
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    one_line_error(capsys, ["train", "shapes_t2ii", "output_dir=run2"], "'shapes_t2ii'", "did you mean shapes_t2i",
+                   "shipped configs:")
+    one_line_error(capsys, ["train", "configs/toy.yaml", "output_dir=run2"], "does not exist", "pass toy")
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_interrupt_mid_save_leaves_no_partial_checkpoint(tmp_path, capsys, monkeypatch):
+    from dancegrpo.trainer import checkpoint as ck
+
+    real = ck._write_torch
+
+    def interrupted(path, obj):
+        if "step_00000004" in path.parent.name and path.name == "rng.pt":
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(ck, "_write_torch", interrupted)
+    out = tmp_path / "run"
+    argv = ["train", CONFIG, f"output_dir={out}", "max_steps=6", "checkpoint_every=2", "log.progress=false",
+            "log.num_sample_prompts=0"]
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command line as a KeyboardInterrupt")
+    assert rc == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    step2 = out / "checkpoints" / "step_00000002"
+    assert err.startswith("dancegrpo train: interrupted; resume from") and str(step2) in err, err
+    assert "resume=true" in err and "max_steps=6" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]  # no temp directory left
+
+
+_SIGINT_ARGS = ["max_steps=100000", "checkpoint_every=1", "keep_checkpoints=2", "log.progress=false",
+                "log.num_sample_prompts=0", "log.tensorboard=false"]
+
+
+def test_ctrl_c_stops_cleanly_and_names_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dancegrpo", "train", "toy", f"output_dir={out}", *_SIGINT_ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file():
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the training subprocess wrote no checkpoint in 120 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    latest = CheckpointManager(out / "checkpoints").latest()
+    assert last.startswith("dancegrpo train: interrupted; resume from ") and str(latest) in last, last
+    assert "dancegrpo train toy" in last and last.endswith("resume=true")
+    names = [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".trash-")]
+    assert all(n.startswith("step_") for n in names), names  # no half-written save (.tmp-*) left
+    for n in names:
+        verify_checkpoint(out / "checkpoints" / n)

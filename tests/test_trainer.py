@@ -147,6 +147,78 @@ def test_failing_reward_drops_samples_and_the_run_goes_on(tmp_path, caplog):
     assert all(m["reward_mean"] is not None and m["reward_mean"] == m["reward_mean"] for m in history)
 
 
+class RewardServerDown:
+    """A reward whose every call fails (e.g. its service is unreachable)."""
+
+    name = "remote_judge"
+
+    def __call__(self, samples, prompts):
+        raise ConnectionError("reward server at 10.0.0.7 refused the connection")
+
+
+def test_reward_failing_on_every_sample_stops_the_run(tmp_path):
+    from dancegrpo.errors import RewardError
+
+    trainer = Trainer(toy_cfg(tmp_path, "max_steps=50", "max_invalid_steps=3"), rewards=[RewardServerDown()])
+    with pytest.raises(RewardError, match=r"no sample had a valid reward in 3 steps in a row \(max_invalid_steps=3\)"
+                                          r".*reward 'remote_judge': ConnectionError: reward server at 10.0.0.7"):
+        trainer.train()
+    assert trainer.step == 3 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_nonfinite_reward_everywhere_stops_and_zero_disables_the_check(tmp_path):
+    from dancegrpo.errors import RewardError
+
+    def always_nan(samples, prompts):
+        return torch.full((samples.shape[0],), float("nan"))
+
+    with pytest.raises(RewardError, match="reward 'always_nan': non-finite scores for 32/32 samples"):
+        Trainer(toy_cfg(tmp_path / "a", "max_steps=10", "max_invalid_steps=2"), rewards=[always_nan]).train()
+    history = Trainer(toy_cfg(tmp_path / "b", "max_steps=4", "max_invalid_steps=0"), rewards=[always_nan]).train()
+    assert [m["trained_samples"] for m in history] == [0, 0, 0, 0]
+
+
+def test_a_valid_step_resets_the_invalid_count(tmp_path):
+    calls = {"n": 0}
+
+    def every_third_works(samples, prompts):  # fails, fails, works, fails, fails, works...
+        calls["n"] += 1
+        if calls["n"] % 3:
+            raise RuntimeError("flaky")
+        return ToyColourReward()(samples, prompts)
+
+    class Batched:  # one call per step (no per-sample retries), so the call count is the step count
+        name = "batched"
+
+        def __call__(self, samples, prompts):
+            try:
+                return every_third_works(samples, prompts)
+            except RuntimeError:
+                return torch.full((samples.shape[0],), float("nan"))
+
+    history = Trainer(toy_cfg(tmp_path, "max_steps=9", "max_invalid_steps=3"), rewards=[Batched()]).train()
+    assert [m["trained_samples"] > 0 for m in history] == [False, False, True] * 3
+
+
+class Contrast:
+    """A reward object with no ``name`` attribute."""
+
+    def __call__(self, samples, prompts):
+        return samples.flatten(1).std(1)
+
+
+def brightness(samples, prompts):
+    return samples.flatten(1).mean(1)
+
+
+def test_custom_rewards_are_logged_by_their_names(tmp_path):
+    history = Trainer(toy_cfg(tmp_path, "max_steps=1"), rewards=[brightness, Contrast(), Contrast(),
+                                                                 ToyColourReward()]).train()
+    keys = {k for k in history[0] if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"}
+    assert keys == {"reward_brightness_mean", "reward_Contrast_mean", "reward_Contrast_1_mean",
+                    "reward_toy_colour_mean"}
+
+
 class NaNInTraining(ToyModel):
     """Finite during rollouts (eval mode), NaN in the training forward."""
 

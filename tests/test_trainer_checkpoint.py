@@ -24,8 +24,12 @@ def toy_cfg(out, *overrides):
                                               *overrides])
 
 
+def _metrics_file(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
 def _metrics(out):
-    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return _metrics_file(Path(out) / "metrics.jsonl")
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
@@ -42,6 +46,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     resumed.train()
     a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    # the step-4 line logged before the "crash" is kept aside, not deleted
+    assert [m["loss"] for m in _metrics_file(tmp_path / "part" / "metrics.discarded.jsonl")] == [123.0]
     for key in ("loss", "reward_mean", "grad_norm", "clip_fraction", "ratio_first_update"):
         assert [m[key] for m in a] == [m[key] for m in b], key
     for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
@@ -66,15 +72,53 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatc
     with pytest.raises(OSError, match="simulated"):
         Trainer(toy_cfg(tmp_path, "max_steps=6")).train()
     root = tmp_path / "checkpoints"
-    assert [p.name for p in sorted(root.iterdir()) if not p.name.startswith(".")] == ["step_00000002"]
-    assert any(p.name.startswith(".tmp-step_00000004") for p in root.iterdir())  # the half-written save
+    assert [p.name for p in root.iterdir()] == ["step_00000002"]  # the failed save removed its temp directory
     assert CheckpointManager(root).latest().name == "step_00000002"
     monkeypatch.setattr(ck, "_write_torch", real)
     resumed = Trainer(toy_cfg(tmp_path, "max_steps=6", "resume=true"))
     assert resumed.step == 2
     resumed.train()
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
-    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # cleaned by the next save
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+
+def test_resume_when_every_checkpoint_is_damaged_is_an_error_and_keeps_the_logs(tmp_path):
+    Trainer(toy_cfg(tmp_path, "max_steps=4")).train()
+    root, log = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
+    for step in (2, 4):
+        f = root / f"step_{step:08d}" / "optimizer.pt"
+        f.write_bytes(f.read_bytes()[:-10])
+    before = log.read_bytes()
+    with pytest.raises(CheckpointError, match=r"resume=true but every checkpoint in .* is damaged \(step_00000004: "
+                                              r"file optimizer.pt differs.*; step_00000002: file optimizer.pt differs"):
+        Trainer(toy_cfg(tmp_path, "max_steps=6", "resume=true"))
+    assert log.read_bytes() == before
+    from dancegrpo.cli import main
+
+    assert main(["train", str(CONFIGS / "toy.yaml"), f"output_dir={tmp_path}", "resume=true"]) == 2
+    assert log.read_bytes() == before
+
+
+def test_a_fresh_run_never_wipes_an_existing_one(tmp_path):
+    # a run that died before its first checkpoint: only its logs
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a run \(3 logged steps in metrics.jsonl\): pass resume=true.*"
+                                         r"overwrite=true"):
+        Trainer(toy_cfg(tmp_path, "max_steps=2"))
+    with pytest.raises(ValueError, match="resume=true but output_dir .* has no checkpoint, only 3 logged steps"):
+        Trainer(toy_cfg(tmp_path, "max_steps=2", "resume=true"))
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    # overwrite=true deletes the old run and starts again
+    Trainer(toy_cfg(tmp_path, "max_steps=2", "overwrite=true")).train()
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2] and all(m["loss"] != 1.0 for m in _metrics(tmp_path))
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints up to step 2, 2 logged steps"):
+        Trainer(toy_cfg(tmp_path, "max_steps=4"))
+    Trainer(toy_cfg(tmp_path, "max_steps=1", "overwrite=true")).train()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]  # step 2 went with the old run
+    assert [m["step"] for m in _metrics(tmp_path)] == [1]
+    # the saved config continues the run (overwrite was this command's, not the run's)
+    assert Trainer(load_config(tmp_path / "config.yaml", ["resume=true", "max_steps=2"])).step == 1
 
 
 _KILL_SCRIPT = r"""

@@ -56,10 +56,12 @@ def test_override_types_and_list_index():
     ("sampler.eta=0", r"sampler.eta must be finite > 0"),
     ("rewards.3.weight=1", r"expected a list index in \[0, 1\)"),
     ("noequals", r"override must look like key=value"),
+    ("max_invalid_steps=-1", r"max_invalid_steps must be >= 0"),
+    ("overwrite=true resume=true", r"overwrite must be false when resume=true"),
 ])
 def test_override_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 def test_yaml_file_errors(tmp_path):
@@ -72,6 +74,29 @@ def test_yaml_file_errors(tmp_path):
     # YAML 1.1 reads 1e-4 (no dot) as a string: a float field still takes it
     p.write_text("optim:\n  lr: 1e-4\n")
     assert load_config(p).optim.lr == 1e-4
+    # a syntax error names the file, line and column
+    p.write_text("seed: 0\nrewards:\n  - {name: toy, weight: 1.0\nmax_steps: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:4:\d+: invalid YAML: .*expected ',' or '}}'"):
+        load_config(p)
+
+
+def test_configs_by_name_or_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("toy") == load_config(CONFIGS / "toy.yaml")
+    assert load_config("toy.yaml") == load_config(CONFIGS / "toy.yaml")
+    assert load_config("shapes_t2i").model.name == "shapes"
+    (tmp_path / "toy").write_text("max_steps: 7\n")  # an existing file wins over a shipped name
+    assert load_config("toy").max_steps == 7
+    with pytest.raises(ConfigError, match=r"'toyy' is neither a file nor a shipped config \(did you mean toy\?\); "
+                                          r"shipped configs: .*shapes_t2i.*toy"):
+        load_config("toyy")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    from dancegrpo.trainer.config import shipped_configs
+
+    configs = shipped_configs()
+    assert configs["shapes_t2i"].startswith("GRPO on the shapes world, text-to-image")
+    assert set(configs) == {p.stem for p in CONFIGS.glob("*.yaml")}
 
 
 def test_apply_overrides_creates_sections():

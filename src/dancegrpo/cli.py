@@ -1,12 +1,20 @@
-"""Command line: ``dancegrpo train | sample | eval``.
+"""Command line: ``dancegrpo train | sample | eval | configs``.
 
     dancegrpo train CONFIG [key=value ...]
     dancegrpo sample (--config CONFIG | --checkpoint PATH) [--prompt TEXT ...] [--num N]
                      [--best-of K --reward NAME] [--out DIR] [key=value ...]
     dancegrpo eval (CONFIG | --checkpoint PATH) [key=value ...]
+    dancegrpo configs
 
-``eval`` prints ONE JSON object on stdout (reward_mean, per-reward stats, correct_rate when a
-reward offers ``correct``); logs go to stderr.
+CONFIG is a YAML file or the name of a shipped config (``dancegrpo configs`` lists them); an
+existing file wins over a name. ``eval`` prints ONE JSON object on stdout (reward_mean,
+per-reward stats, correct_rate when a reward offers ``correct``); logs go to stderr.
+
+Exit status: 0 done; 2 a mistake the user can fix (a bad config key or value, an unknown
+registry name, a missing file or checkpoint, a missing device or optional package, rewards
+that left nothing to train on), reported as ONE line ``dancegrpo CMD: error: ...`` naming the
+culprit; 130 interrupted (Ctrl-C), with the checkpoint to resume from. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,26 +22,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UsageError, UserError
 
 __all__ = ["main"]
 
 log = logging.getLogger("dancegrpo.cli")
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (argparse prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dancegrpo", description="GRPO for image and video generators")
+    p = _Parser(prog="dancegrpo", description="GRPO for image and video generators")
     sub = p.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("configs", help="list the shipped configs (train them by name)")
+
     t = sub.add_parser("train", help="train a policy with GRPO")
-    t.add_argument("config", help="YAML config (see configs/)")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 optim.lr=3e-4")
+    t.add_argument("config", help="YAML file or shipped config name (see `dancegrpo configs`)")
+    t.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. max_steps=10 optim.lr=3e-4")
 
     s = sub.add_parser("sample", help="generate with a policy (best-of-K by a reward)")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="config: sample the untrained base model")
+    src.add_argument("--config", help="config (file or shipped name): sample the untrained base model")
     src.add_argument("--checkpoint", help="checkpoint directory or a run's output_dir")
     s.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable; default: the "
                    "eval split's fixed prompts)")
@@ -46,13 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=("ode", "sde"), default=None, help="sampler (default: the config's eval.mode)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
-    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
 
     e = sub.add_parser("eval", help="reward statistics on held-out prompts, as one JSON object")
-    e.add_argument("config", nargs="?", help="config: evaluate the untrained base model")
+    e.add_argument("config", nargs="?", help="config (file or shipped name): evaluate the untrained base model")
     e.add_argument("--checkpoint", help="checkpoint directory or a run's output_dir")
     e.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
-    e.add_argument("overrides", nargs="*", help="key=value config overrides")
+    e.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
     return p
 
 
@@ -71,20 +94,54 @@ def _policy(args, overrides):
     from .trainer.policy import build_policy, load_trained_policy, resolve_device
 
     if args.checkpoint:
+        if getattr(args, "config", None):
+            raise UsageError(f"give a CONFIG or --checkpoint, not both (the checkpoint holds its config; change it "
+                             f"with key=value overrides): got {args.config!r} and --checkpoint {args.checkpoint!r}")
         model, cfg = load_trained_policy(args.checkpoint, use_ema=args.ema, overrides=overrides)
         return model, cfg, resolve_device(cfg.device)
     if not args.config:
-        raise SystemExit("give a CONFIG or --checkpoint")
+        raise UsageError("give a CONFIG (file or shipped name) or --checkpoint PATH")
+    if args.ema:
+        raise UsageError("--ema needs --checkpoint (a base model has no EMA weights)")
     cfg = load_config(args.config, overrides)
     device = resolve_device(cfg.device)
     return build_policy(cfg, device), cfg, device
 
 
-def _cmd_train(args) -> int:
-    from .trainer import load_config, train
+def _cmd_configs(args) -> int:
+    from .trainer.config import shipped_configs
 
+    configs = shipped_configs()
+    width = max(map(len, configs), default=0)
+    for name, description in configs.items():
+        print(f"{name:<{width}}  {description}".rstrip())
+    return 0
+
+
+def _resume_hint(args, cfg) -> str:
+    """What to tell a user whose training stopped: the checkpoint to resume from and the command."""
+    from .trainer.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(Path(cfg.output_dir) / "checkpoints").latest()
+    if latest is None:
+        return f"no checkpoint in {cfg.output_dir} yet (checkpoint_every={cfg.checkpoint_every}): nothing to resume"
+    keep = [o for o in args.overrides if o.split("=", 1)[0].strip() not in ("resume", "overwrite")]
+    command = shlex.join(["dancegrpo", "train", args.config, *keep, "resume=true"])
+    return f"resume from {latest} with: {command}"
+
+
+def _cmd_train(args) -> int:
+    from .trainer import Trainer, load_config
+
+    if "=" in args.config and not Path(args.config).exists():
+        raise UsageError(f"the first argument is the CONFIG (a YAML file or a shipped name, see `dancegrpo configs`), "
+                         f"then key=value overrides; got {args.config!r} first")
     cfg = load_config(args.config, args.overrides)
-    history = train(cfg)
+    try:
+        history = Trainer(cfg).train()
+    except KeyboardInterrupt:
+        print(f"dancegrpo train: interrupted; {_resume_hint(args, cfg)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if history:
         last = history[-1]
         log.info("done: step %d, reward_mean %.4f, outputs in %s", last["step"], last["reward_mean"], cfg.output_dir)
@@ -92,9 +149,9 @@ def _cmd_train(args) -> int:
 
 
 def _eval_items(cfg, n: int):
-    from .rewards.registry import build_dataset
+    from .trainer.policy import build_run_dataset
 
-    return build_dataset(cfg.data.name, split=cfg.data.eval_split, **cfg.data.kwargs).fixed(n)
+    return build_run_dataset(cfg, cfg.data.eval_split).fixed(n)
 
 
 def _cmd_eval(args) -> int:
@@ -133,7 +190,10 @@ def _prompt_items(args, cfg):
         from PIL import Image
 
         if len(args.image) not in (1, len(args.prompt)):
-            raise SystemExit(f"--image: give one image or one per prompt ({len(args.prompt)}), got {len(args.image)}")
+            raise UsageError(f"--image: give one image or one per prompt ({len(args.prompt)}), got {len(args.image)}")
+        for path in args.image:
+            if not Path(path).is_file():
+                raise UsageError(f"--image {path!r}: no such file")
         loaded = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
                   for p in args.image]
         images = loaded * len(args.prompt) if len(loaded) == 1 else loaded
@@ -141,19 +201,20 @@ def _prompt_items(args, cfg):
 
 
 def _cmd_sample(args) -> int:
-    from .rewards.registry import build_reward
     from .trainer.evaluate import best_of_n, generate
     from .trainer.images import save_grid
-    from .trainer.policy import build_run_sampler
+    from .trainer.policy import build_named, build_run_sampler, check_registered
     from .trainer.scoring import WeightedReward
 
     if args.num < 1 or args.best_of < 1:
-        raise SystemExit("--num and --best-of must be >= 1")
+        raise UsageError(f"--num and --best-of must be >= 1, got --num {args.num} --best-of {args.best_of}")
     if args.best_of > 1 and not args.reward:
-        raise SystemExit("--best-of K needs --reward NAME to rank the candidates")
+        raise UsageError("--best-of K needs --reward NAME to rank the candidates")
+    if args.reward:
+        check_registered("reward", args.reward, "--reward")  # before the model loads
     model, cfg, device = _policy(args, args.overrides)
     items = _prompt_items(args, cfg)
-    reward = WeightedReward(build_reward(args.reward), 1.0, args.reward) if args.reward else None
+    reward = WeightedReward(build_named("reward", args.reward, "--reward"), 1.0, args.reward) if args.reward else None
     samples, prompts = generate(model, build_run_sampler(cfg, model), items,
                                 samples_per_prompt=args.num * args.best_of, mode=args.mode or cfg.eval.mode,
                                 seed=cfg.eval.seed if args.seed is None else args.seed, device=device,
@@ -178,15 +239,22 @@ def _cmd_sample(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    from .trainer.checkpoint import CheckpointError
-    from .trainer.config import ConfigError
+    commands = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "configs": _cmd_configs}
+    return run_reporting(f"dancegrpo {args.command}", commands[args.command], args)
 
+
+def run_reporting(prog: str, command, *args) -> int:
+    """``command(*args)``'s exit status, with a user error as one line (status 2) and Ctrl-C as
+    status 130; other exceptions are bugs and propagate with their traceback."""
     try:
-        return {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval}[args.command](args)
-    except (ConfigError, FileNotFoundError, CheckpointError, NotImplementedError) as exc:
-        # user errors (bad config, missing file or checkpoint, a model not available yet): no traceback
-        print(f"dancegrpo {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return command(*args)
+    except UserError as exc:
+        message = " ".join(str(exc).splitlines())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # train names its checkpoint itself; elsewhere nothing is half-written
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,23 +2,22 @@
 
 1. Checks every op backend against the float64 reference on a video latent (a table).
 2. Scores the shipped shapes text-to-image base model on held-out prompts.
-3. GRPO-trains it on the alignment reward (configs/shapes_t2i.yaml).
+3. GRPO-trains it on the alignment reward (the shipped config shapes_t2i).
 4. Scores it again and prints before / after, with sample grids and the reward curve.
 
-    python -m dancegrpo.demo [--steps N] [--out outputs/demo] [--config configs/shapes_t2i.yaml]
+    python -m dancegrpo.demo [--steps N] [--out outputs/demo] [--config shapes_t2i]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-REPO_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_t2i.yaml"
+DEFAULT_CONFIG = "shapes_t2i"  # a shipped config: the demo needs no source tree
 
 
 def _evaluate(model, cfg, items, rewards, device):
@@ -35,7 +34,7 @@ def _evaluate(model, cfg, items, rewards, device):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO_CONFIG))
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="a shipped config's name or a YAML file")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the config's max_steps)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to score (default: config)")
@@ -44,30 +43,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from . import opscheck
-    from .rewards.registry import build_dataset
     from .trainer import Trainer, load_config
     from .trainer.images import save_grid
-    from .trainer.policy import build_policy, resolve_device
+    from .trainer.policy import build_policy, build_run_dataset, resolve_device
     from .trainer.scoring import build_rewards
 
     t_start = time.time()
     out = Path(args.out)
-    if not args.skip_ops:
-        print("== 1. fused ops vs the float64 reference ==", flush=True)
-        print(opscheck.format_table(opscheck.run(opscheck.VIDEO_LATENT), opscheck.VIDEO_LATENT), flush=True)
-
     run_dir = out / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo's own previous run: start fresh
-    overrides = [f"output_dir={run_dir}"]
+    overrides = [f"output_dir={run_dir}", "overwrite=true"]  # the demo's own previous run: start afresh
     if args.steps is not None:
         overrides.append(f"max_steps={args.steps}")
     if args.eval_prompts is not None:
         overrides.append(f"eval.num_prompts={args.eval_prompts}")
-    cfg = load_config(args.config, overrides + list(args.overrides))
+    cfg = load_config(args.config, overrides + list(args.overrides))  # a config mistake shows up first
     device = resolve_device(cfg.device)
+
+    if not args.skip_ops:
+        print("== 1. fused ops vs the float64 reference ==", flush=True)
+        print(opscheck.format_table(opscheck.run(opscheck.VIDEO_LATENT), opscheck.VIDEO_LATENT), flush=True)
     torch.manual_seed(cfg.seed)
-    items = build_dataset(cfg.data.name, split=cfg.data.eval_split, **cfg.data.kwargs).fixed(cfg.eval.num_prompts)
+    items = build_run_dataset(cfg, cfg.data.eval_split).fixed(cfg.eval.num_prompts)
     rewards = build_rewards(cfg.rewards)
 
     print(f"\n== 2. base model on {len(items)} held-out prompts ==", flush=True)
@@ -106,4 +102,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run_reporting
+
+    raise SystemExit(run_reporting("dancegrpo.demo", main))

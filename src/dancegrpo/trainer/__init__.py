@@ -1,7 +1,7 @@
-"""The GRPO trainer (SPEC section 5): config, rollouts, rewards, update, checkpoints, logs.
+"""The GRPO trainer: config, rollouts, rewards, update, checkpoints, logs.
 
     from dancegrpo.trainer import load_config, train
-    train(load_config("configs/toy.yaml", ["max_steps=20"]))
+    train(load_config("toy", ["max_steps=20"]))   # a shipped config's name, or a YAML path
 
 Not imported by ``import dancegrpo``.
 """

@@ -9,7 +9,8 @@ the size and SHA-256 of every other file.
 Writing: everything goes to a hidden temp directory, each file is fsynced, then ``COMPLETE``,
 then the directory is fsynced and renamed into place (atomic on POSIX) and the parent is
 fsynced. A crash at any point leaves either the old state or a temp directory that is never
-read (and is cleaned up by the next save). Reading verifies ``COMPLETE``'s sizes and hashes, so
+read (and is cleaned up by the next save); an interrupted save (Ctrl-C) removes its temp
+directory itself. Reading verifies ``COMPLETE``'s sizes and hashes, so
 even a checkpoint damaged after the fact is skipped (with a warning) in favour of an older one.
 """
 
@@ -29,16 +30,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
+
 __all__ = ["CheckpointManager", "capture_rng", "restore_rng", "verify_checkpoint", "CheckpointError"]
 
 log = logging.getLogger("dancegrpo.trainer")
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (incomplete, damaged, or not matching the model)."""
 
 
 def _fsync_file(path: Path) -> None:
@@ -160,16 +159,22 @@ class CheckpointManager:
         out = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))]
         return sorted(out, reverse=True)
 
-    def latest(self) -> Path | None:
-        """The newest checkpoint that verifies (older ones are tried when a newer one is damaged)."""
+    def scan(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """``(newest checkpoint that verifies or None, [(newer damaged checkpoint, why)]``)."""
+        damaged = []
         for _, path in self.step_dirs():
             try:
                 verify_checkpoint(path)
             except CheckpointError as exc:
                 log.warning("skipping checkpoint %s: %s", path.name, exc)
+                damaged.append((path, str(exc).removeprefix(f"{path}: ")))
                 continue
-            return path
-        return None
+            return path, damaged
+        return None, damaged
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies (older ones are tried when a newer one is damaged)."""
+        return self.scan()[0]
 
     def save(self, step: int, *, model_state: dict, optimizer_state: dict, rng_state: dict, run_state: dict,
              config_yaml: str, ema_state: dict | None = None) -> Path:
@@ -178,7 +183,21 @@ class CheckpointManager:
         self._remove_stale_temps()
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir()
+        try:
+            tmp.mkdir()
+            self._write(tmp, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state)
+        except BaseException:  # an error or Ctrl-C mid-save: leave no half-written directory behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():  # the same step saved again (e.g. a resumed run): replace it
+            self._discard(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final
+
+    @staticmethod
+    def _write(tmp: Path, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state) -> None:
         files = {
             "model.safetensors": lambda p: _write_safetensors(p, model_state),
             "optimizer.pt": lambda p: _write_torch(p, optimizer_state),
@@ -194,14 +213,6 @@ class CheckpointManager:
             meta[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         _write_bytes(tmp / MARKER, json.dumps({"step": step, "files": meta}, indent=1).encode())
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. a resumed run): replace it
-            trash = self.root / f".trash-{final.name}-{time.monotonic_ns()}"
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
-        self._prune()
-        return final
 
     def _remove_stale_temps(self) -> None:
         for p in self.root.iterdir():
@@ -213,7 +224,14 @@ class CheckpointManager:
             return
         complete = [p for _, p in self.step_dirs() if (p / MARKER).is_file()]
         for p in complete[self.keep:]:
-            shutil.rmtree(p, ignore_errors=True)
+            self._discard(p)
+
+    def _discard(self, path: Path) -> None:
+        """Delete a checkpoint directory: renamed away first, so an interrupted delete never
+        leaves a half-deleted ``step_*`` behind (the next save removes the trash)."""
+        trash = self.root / f".trash-{path.name}-{time.monotonic_ns()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def load(path) -> dict:
@@ -233,16 +251,26 @@ class CheckpointManager:
         return out
 
 
+def describe_damaged(damaged: list[tuple[Path, str]]) -> str:
+    return "; ".join(f"{p.name}: {why}" for p, why in damaged)
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory from a path that is one, or a run's output_dir / checkpoints dir
     (then its newest complete checkpoint)."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (give a checkpoint directory or a run's output_dir)")
     if (p / MARKER).is_file() or _STEP_DIR.match(p.name):
         verify_checkpoint(p)
         return p
+    damaged = []
     for root in (p / "checkpoints", p):
         if root.is_dir():
-            found = CheckpointManager(root).latest()
+            found, bad = CheckpointManager(root).scan()
             if found is not None:
                 return found
+            damaged += bad
+    if damaged:
+        raise CheckpointError(f"no usable checkpoint at {str(p)!r}, every one is damaged: {describe_damaged(damaged)}")
     raise CheckpointError(f"no complete checkpoint found at {str(p)!r}")

@@ -1,10 +1,11 @@
 """The training configuration: nested dataclasses, loaded from YAML, overridden from the command line.
 
-``load_config("configs/toy.yaml", ["max_steps=10", "optim.lr=3e-4"])`` reads the file, applies
-each ``a.b=value`` override (values parsed as YAML, then checked against the field's type),
-builds the dataclasses (an unknown key is an error naming the key and the close matches) and
-validates the values. ``save_config`` writes it back; loading that file gives an equal config.
-Defaults follow SPEC.md (DanceGRPO on FLUX); the shipped configs set the rest.
+``load_config("toy", ["max_steps=10", "optim.lr=3e-4"])`` reads a config (a YAML file, or the
+name of a config shipped in ``dancegrpo/configs``), applies each ``a.b=value`` override (values
+parsed as YAML, then checked against the field's type), builds the dataclasses (an unknown key
+is an error naming the key and the close matches) and validates the values. ``save_config``
+writes it back; loading that file gives an equal config. Defaults follow DanceGRPO's FLUX
+setup; the shipped configs set the rest.
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from ..errors import ConfigError, MissingFileError
+
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RewardConfig", "SamplerConfig", "RolloutConfig",
            "AdvantageConfig", "TimestepConfig", "OptimConfig", "LossConfig", "LoraConfig", "LogConfig",
            "EvalConfig", "ConfigError", "load_config", "save_config", "config_from_dict", "config_to_dict",
-           "apply_overrides"]
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema (names the key and what was expected)."""
+           "apply_overrides", "find_config", "shipped_configs"]
 
 
 @dataclass
@@ -146,6 +146,8 @@ class TrainConfig:
     checkpoint_every: int = 50     # 0: only at the end
     keep_checkpoints: int = 2      # newest complete checkpoints kept (0: keep all)
     resume: bool = False           # continue from the newest complete checkpoint in output_dir
+    overwrite: bool = False        # start afresh in an output_dir holding a run, deleting that run
+    max_invalid_steps: int = 3     # stop after this many steps in a row with no valid sample (0: never)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     mixed_precision: str = "no"    # no | bf16 (autocast the network; log-probs stay fp32)
     update_mode: str = "train"     # module mode of the training forward (rollouts run in eval)
@@ -311,15 +313,67 @@ def _list_index(part: str, node: list, path: str) -> int:
     return int(part)
 
 
+# --------------------------------------------------------------------------- files and shipped configs
+
+
+def _shipped_dir():
+    return resources.files("dancegrpo") / "configs"
+
+
+def _description(text: str) -> str:
+    """A config's one-line description: its first comment line."""
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            return line.strip().lstrip("#").strip()
+    return ""
+
+
+def shipped_configs() -> dict[str, str]:
+    """The configs shipped with the package: name -> one-line description."""
+    files = sorted((f for f in _shipped_dir().iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    return {f.name[: -len(".yaml")]: _description(f.read_text()) for f in files}
+
+
+def find_config(ref):
+    """The config file ``ref`` names: an existing path, else a shipped config's name (``toy``,
+    ``shapes_t2i``; ``.yaml`` optional). A path wins over a shipped name."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    if p.exists():
+        raise ConfigError(f"config {str(ref)!r} is a directory, not a YAML file (a run's output_dir or checkpoint "
+                          "goes to --checkpoint)")
+    names = shipped_configs()
+    stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    if len(p.parts) == 1 and stem in names:
+        return _shipped_dir() / f"{stem}.yaml"
+    listing = f"shipped configs: {', '.join(names)} (see `dancegrpo configs`)"
+    if len(p.parts) > 1 or p.suffix:
+        hint = f" (for the shipped config of that name, pass {stem})" if stem in names else ""
+        raise MissingFileError(f"config file {str(ref)!r} does not exist{hint}; {listing}")
+    close = difflib.get_close_matches(stem, list(names), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise MissingFileError(f"config {str(ref)!r} is neither a file nor a shipped config{hint}; {listing}")
+
+
+def _read_yaml(source, text: str):
+    """Parsed YAML; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(source)
+        what = "; ".join(x for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+        raise ConfigError(f"{where}: invalid YAML: {what or str(exc).splitlines()[0]}") from None
+
+
 def load_config(path=None, overrides=()) -> TrainConfig:
-    """Read a YAML config (or start from the defaults when ``path`` is None), apply overrides,
-    build and validate it."""
+    """Read a YAML config (a path or a shipped config's name; the defaults when ``path`` is
+    None), apply overrides, build and validate it."""
     data = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        p = find_config(path)
+        data = _read_yaml(p, p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: a config must be a mapping at the top level")
     if overrides:
@@ -362,6 +416,9 @@ def _validate(cfg: TrainConfig) -> None:
     pos_int("max_steps", cfg.max_steps, 0)
     pos_int("checkpoint_every", cfg.checkpoint_every, 0)
     pos_int("keep_checkpoints", cfg.keep_checkpoints, 0)
+    pos_int("max_invalid_steps", cfg.max_invalid_steps, 0)
+    need(not (cfg.resume and cfg.overwrite), "overwrite", "false when resume=true (continue the run, or replace it)",
+         cfg.overwrite)
     need(bool(cfg.output_dir), "output_dir", "a non-empty path", cfg.output_dir)
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda") or cfg.device == "mps",
          "device", "auto, cpu, cuda or cuda:N", cfg.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -66,10 +67,25 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total, initial=initial, desc="grpo", dynamic_ncols=True)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps after the checkpoint (they will be run again)."""
-        kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    def rewind_to(self, step: int) -> None:
+        """On resume from checkpoint ``step``: the lines of later steps (they are run again) move
+        to ``metrics.discarded.jsonl``; the log is rewritten atomically, so a crash here loses nothing."""
+        rows = read_metrics(self.path)
+        later = [m for m in rows if m.get("step", 0) > step]
+        if not later:
+            return
+        discarded = self.path.with_name("metrics.discarded.jsonl")
+        with open(discarded, "a") as f:
+            f.write("".join(json.dumps(m) + "\n" for m in later))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(m) + "\n" for m in rows if m.get("step", 0) <= step))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        log.info("resumed at step %d: moved %d later logged steps to %s", step, len(later), discarded.name)
 
     def log(self, metrics: dict) -> None:
         clean = {k: _clean(v) for k, v in metrics.items()}

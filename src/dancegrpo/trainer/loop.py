@@ -1,4 +1,4 @@
-"""The GRPO training loop; ``Trainer.train_step`` reads like SPEC.md section 5.
+"""The GRPO training loop; ``Trainer.train_step`` reads like the algorithm (docs/math.md).
 
     1. roll out G samples for each of P prompts with the SDE sampler (eval mode, no grad)
     2. decode, score with the reward models, group-normalised advantages
@@ -9,13 +9,22 @@
 Everything random comes from two generators the trainer owns (noise on the model's device;
 data: prompts, timestep choice, shuffling, on CPU) plus torch's global RNG (dropout), all
 saved in checkpoints, so a resumed run repeats the uninterrupted one exactly on CPU.
+
+An output_dir holds one run. A fresh run (resume=false) refuses a directory that already holds
+one (checkpoints or logged steps) unless overwrite=true, which deletes that run first.
+resume=true continues from the newest checkpoint that verifies (or starts afresh in an empty
+directory) and refuses when the run's checkpoints are all damaged or it has logged steps but no
+checkpoint. Logged steps after the checkpoint (they are run again) move to
+``metrics.discarded.jsonl``; nothing a run wrote is deleted without overwrite=true.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -23,10 +32,10 @@ import numpy as np
 import torch
 import yaml
 
+from ..errors import CheckpointError, ConfigError, RewardError
 from ..functional import group_advantages
-from ..rewards.registry import build_dataset
-from .checkpoint import CheckpointManager, capture_rng, restore_rng
-from .config import ConfigError, TrainConfig, config_to_dict, save_config
+from .checkpoint import CheckpointManager, capture_rng, describe_damaged, restore_rng
+from .config import TrainConfig, config_to_dict, save_config
 from .ema import EMA
 from .evaluate import generate
 from .images import save_grid, save_reward_curve
@@ -34,19 +43,25 @@ from .logs import MetricsLogger, peak_memory_mb, read_metrics
 from .lora import reference_predictor
 from .policy import (
     build_policy,
+    build_run_dataset,
     build_run_sampler,
+    check_registered,
     load_model_state,
     resolve_device,
     trainable_state,
 )
 from .rollout import collect_rollout
-from .scoring import WeightedReward, build_rewards, score_samples
+from .scoring import as_weighted_rewards, build_rewards, score_samples
 from .timesteps import TimestepSelector
 from .update import Updater
 
-__all__ = ["Trainer", "train", "select_best_of_k"]
+__all__ = ["Trainer", "train", "select_best_of_k", "RUN_OUTPUTS"]
 
 log = logging.getLogger("dancegrpo.trainer")
+
+# What a run writes into its output_dir and overwrite=true deletes (config.yaml is rewritten).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.discarded.jsonl", "tensorboard", "samples",
+               "reward_curve.png")
 
 
 def select_best_of_k(advantages: torch.Tensor, valid: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
@@ -75,6 +90,14 @@ class Trainer:
         self.cfg = cfg.validate()
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.output_dir)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        # Cheap checks first, so a typo or a taken output_dir fails before a model loads.
+        named = [("model", cfg.model.name, "model.name", model), ("dataset", cfg.data.name, "data.name", dataset)]
+        named += [("reward", r.name, f"rewards.{i}.name", rewards) for i, r in enumerate(cfg.rewards)]
+        for kind, name, key, given in named:
+            if given is None:  # an object passed in replaces the registry name
+                check_registered(kind, name, key)
+        resume_path = self._claim_output_dir()
         self.out.mkdir(parents=True, exist_ok=True)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -85,13 +108,8 @@ class Trainer:
         t = cfg.timesteps
         self.selector = TimestepSelector(t.strategy, stochastic, fraction=t.fraction, window_size=t.window_size,
                                          window_stride=t.window_stride, window_shift_every=t.window_shift_every)
-        self.dataset = dataset if dataset is not None else build_dataset(
-            cfg.data.name, split=cfg.data.train_split, **cfg.data.kwargs)
-        if rewards is None:
-            self.rewards = build_rewards(cfg.rewards)
-        else:
-            self.rewards = [r if isinstance(r, WeightedReward) else WeightedReward(r, 1.0, getattr(r, "name", f"r{i}"))
-                            for i, r in enumerate(rewards)]
+        self.dataset = dataset if dataset is not None else build_run_dataset(cfg, cfg.data.train_split)
+        self.rewards = build_rewards(cfg.rewards) if rewards is None else as_weighted_rewards(rewards)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameter (requires_grad is False everywhere)")
@@ -113,14 +131,51 @@ class Trainer:
         }
         self.step = 0
         self.skipped_total = 0
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.invalid_streak = 0  # consecutive steps in which no sample had a valid reward
+        self.last_failures: dict[str, str] = {}
         self.resumed_from = None
-        if cfg.resume:
-            self._resume()
-        elif self.checkpoints.step_dirs():
-            raise ConfigError(f"output_dir {str(self.out)!r} already holds checkpoints of a run: pass resume=true to "
-                              "continue it, or choose another output_dir")
-        save_config(cfg, self.out / "config.yaml")
+        if resume_path is not None:
+            self._resume(resume_path)
+        # overwrite is what this command did to output_dir, not part of the run: a later
+        # `resume=true` from the saved config must not meet it
+        self.recorded_cfg = dataclasses.replace(cfg, overwrite=False)
+        save_config(self.recorded_cfg, self.out / "config.yaml")
+
+    def _claim_output_dir(self) -> Path | None:
+        """Check what output_dir holds against resume / overwrite; the checkpoint to resume from."""
+        cfg, out = self.cfg, self.out
+        steps = self.checkpoints.step_dirs()
+        logged = len(read_metrics(out / "metrics.jsonl"))
+        held = ", ".join(([f"checkpoints up to step {steps[0][0]}"] if steps else []) +
+                         ([f"{logged} logged steps in metrics.jsonl"] if logged else []))
+        if cfg.overwrite:
+            if held:
+                log.warning("overwrite=true: deleting the run in %s (%s)", out, held)
+                for name in RUN_OUTPUTS:
+                    p = out / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink(missing_ok=True)
+            return None
+        if not cfg.resume:
+            if held:
+                raise ConfigError(f"output_dir {str(out)!r} already holds a run ({held}): pass resume=true to continue "
+                                  "it, overwrite=true to delete it and start again, or choose another output_dir")
+            return None
+        if steps:
+            path, damaged = self.checkpoints.scan()
+            if path is None:
+                raise CheckpointError(f"resume=true but every checkpoint in {self.checkpoints.root} is damaged "
+                                      f"({describe_damaged(damaged)}); nothing was changed. Move them away to start "
+                                      "again, or pass overwrite=true (deletes the run)")
+            return path
+        if logged:
+            raise ConfigError(f"resume=true but output_dir {str(out)!r} has no checkpoint, only {logged} logged steps "
+                              "in metrics.jsonl: pass overwrite=true to delete them and start again, or choose another "
+                              "output_dir")
+        log.info("resume=true and %s holds no run yet: starting from step 0", out)
+        return None
 
     # ------------------------------------------------------------------ one iteration
 
@@ -153,6 +208,11 @@ class Trainer:
         else:
             log.warning("every sample of this rollout was dropped by the rewards: no update this step")
             stats, steps = {"skipped": 1, "optimizer_steps": 0}, torch.zeros(0, 0)
+        if bool(valid.any()):
+            self.invalid_streak, self.last_failures = 0, {}
+        else:
+            self.invalid_streak += 1
+            self.last_failures = {**self.last_failures, **scored.failures}
         t3 = time.perf_counter()
         self.skipped_total += stats["skipped"]
         return self._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), rollout.batch)
@@ -203,7 +263,8 @@ class Trainer:
         cfg = self.cfg
         logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
                                total=cfg.max_steps, initial=self.step)
-        logger.truncate_after(self.step)  # a resumed run rewrites what came after its checkpoint
+        if self.resumed_from is not None:
+            logger.rewind_to(self.step)  # steps logged after the checkpoint run again
         history = []
         saved_step = self.step if self.resumed_from is not None else None
         try:
@@ -215,6 +276,8 @@ class Trainer:
                 metrics = {"step": self.step, **metrics}
                 logger.log(metrics)
                 history.append(metrics)
+                if cfg.max_invalid_steps and self.invalid_streak >= cfg.max_invalid_steps:
+                    raise RewardError(self._invalid_message())
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                     self.save_samples()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -228,6 +291,14 @@ class Trainer:
         finally:
             logger.close()
         return history
+
+    def _invalid_message(self) -> str:
+        n = self.invalid_streak
+        failed = "; ".join(f"reward {name!r}: {why}" for name, why in self.last_failures.items())
+        resume = self.checkpoints.latest()
+        after = f"; the last checkpoint is {resume}" if resume is not None else ""
+        return (f"no sample had a valid reward in {n} steps in a row (max_invalid_steps={self.cfg.max_invalid_steps}), "
+                f"stopped at step {self.step}: {failed or 'every sample was dropped'}{after}")
 
     def save_samples(self) -> Path | None:
         """A grid of the fixed prompts (PNG, or GIF for video) in ``output_dir/samples``."""
@@ -256,22 +327,18 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(),
             rng_state=capture_rng(self.generators),
             run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
-            config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
             ema_state=self.ema.state_dict() if self.ema is not None else None,
         )
         log.info("saved checkpoint %s", path)
         return path
 
-    def _resume(self) -> None:
-        path = self.checkpoints.latest()
-        if path is None:
-            log.info("resume=true but no complete checkpoint in %s: starting from step 0", self.checkpoints.root)
-            return
+    def _resume(self, path: Path) -> None:
         ckpt = CheckpointManager.load(path)
         if bool(ckpt["state"].get("lora", False)) != self.cfg.lora.enabled:
             raise ConfigError(f"checkpoint {path} was trained with lora.enabled={ckpt['state'].get('lora')}, "
                               f"this run has lora.enabled={self.cfg.lora.enabled}")
-        load_model_state(self.model, ckpt["model"], self.cfg.lora.enabled)
+        load_model_state(self.model, ckpt["model"], self.cfg.lora.enabled, source=f"checkpoint {path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None:
             if "ema" not in ckpt:
@@ -283,7 +350,7 @@ class Trainer:
         self.resumed_from = path
         old = yaml.safe_load(ckpt["config_yaml"]) or {}
         changed = _diff(old, config_to_dict(self.cfg))
-        changed = [k for k in changed if k not in ("max_steps", "resume")]
+        changed = [k for k in changed if k not in ("max_steps", "resume", "overwrite")]
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
         log.info("resumed from %s at step %d", path, self.step)

@@ -14,6 +14,8 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import ConfigError, MissingDependencyError
+
 __all__ = ["apply_lora", "require_peft", "adapters_disabled", "reference_predictor"]
 
 
@@ -21,7 +23,7 @@ def require_peft():
     try:
         import peft
     except ImportError as exc:
-        raise ImportError("lora.enabled=true needs the optional dependency peft: `pip install peft` "
+        raise MissingDependencyError("lora.enabled=true needs the optional dependency peft: `pip install peft` "
                           "(or `pip install dancegrpo[lora]`), or set lora.enabled=false for a full fine-tune") from exc
     return peft
 
@@ -37,11 +39,15 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     targets = list(target_modules) or sorted({name.split(".")[-1] for name, m in model.named_modules()
                                               if isinstance(m, nn.Linear)})
     if not targets:
-        raise ValueError("LoRA found no nn.Linear layer to adapt; set lora.target_modules")
+        raise ConfigError("lora.enabled=true: the model has no nn.Linear layer to adapt; set lora.target_modules")
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not any(n == t or n.endswith(f".{t}") for t in targets for n, _ in model.named_modules()):
+        raise ConfigError(f"lora.target_modules {targets} matched no layer of the model; its linear layers "
+                          f"include {linear[:4]}")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     model = peft.inject_adapter_in_model(config, model)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"LoRA target_modules {targets} matched no layer of the model")
+        raise ConfigError(f"lora.target_modules {targets} matched no layer of the model")
     return model
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError, MissingFileError
+
 __all__ = ["PromptFile", "TextPrompt"]
 
 
@@ -25,14 +27,14 @@ class PromptFile:
     def __init__(self, path: str, split: str = "train", task: str = "t2i", eval_fraction: float = 0.1):
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"prompt file {str(p)!r} does not exist (data.kwargs.path)")
+            raise MissingFileError(f"prompt file {str(p)!r} does not exist (data.kwargs.path)")
         if task == "i2v":
-            raise ValueError("prompt_file holds text only; image-to-video needs a dataset with first frames")
+            raise ConfigError("data.kwargs.task=i2v: prompt_file holds text only; image-to-video needs a dataset with first frames")
         if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+            raise ConfigError(f"data.train_split / data.eval_split must be 'train' or 'heldout' for prompt_file, got {split!r}")
         lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
         if len(lines) < 2:
-            raise ValueError(f"prompt file {p} needs at least 2 non-empty lines, has {len(lines)}")
+            raise ConfigError(f"prompt file {p} (data.kwargs.path) needs at least 2 non-empty lines, has {len(lines)}")
         n_eval = max(1, int(len(lines) * eval_fraction))
         self.prompts = lines[-n_eval:] if split == "heldout" else lines[:-n_eval]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["WeightedReward", "ScoreResult", "score_samples", "build_rewards"]
+__all__ = ["WeightedReward", "ScoreResult", "score_samples", "build_rewards", "as_weighted_rewards", "reward_label"]
 
 log = logging.getLogger("dancegrpo.trainer")
 
@@ -30,25 +30,48 @@ class WeightedReward:
 class ScoreResult:
     rewards: torch.Tensor                 # (B, K) fp32 on CPU, NaN where a reward failed
     errors: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # reward name -> its last error, when it failed
 
     @property
     def valid(self) -> torch.Tensor:
         return torch.isfinite(self.rewards).all(1)
 
 
+def reward_label(fn) -> str:
+    """What metrics call a reward object: its ``name``, else its function or class name."""
+    name = getattr(fn, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Two entries of one reward (e.g. different kwargs) stay distinguishable: name, name_1, ..."""
+    out, seen = [], set()
+    for name in names:
+        label, k = name, 0
+        while label in seen:
+            k += 1
+            label = f"{name}_{k}"
+        seen.add(label)
+        out.append(label)
+    return out
+
+
 def build_rewards(specs) -> list[WeightedReward]:
     """Rewards from config entries (``name``, ``weight``, ``kwargs``), via the registry."""
-    from ..rewards.registry import build_reward
+    from .policy import build_named
 
-    out, seen = [], set()
-    for spec in specs:
-        fn = build_reward(spec.name, **spec.kwargs)
-        name = spec.name
-        if name in seen:  # two entries of one reward with different kwargs stay distinguishable
-            name = f"{name}_{len(seen)}"
-        seen.add(name)
-        out.append(WeightedReward(fn, float(spec.weight), name))
-    return out
+    fns = [build_named("reward", spec.name, f"rewards.{i}.name", **spec.kwargs) for i, spec in enumerate(specs)]
+    names = _unique([spec.name for spec in specs])
+    return [WeightedReward(fn, float(spec.weight), name) for fn, spec, name in zip(fns, specs, names, strict=True)]
+
+
+def as_weighted_rewards(rewards) -> list[WeightedReward]:
+    """Reward objects given in code: callables get weight 1 and their :func:`reward_label`."""
+    given = [r if isinstance(r, WeightedReward) else WeightedReward(r, 1.0, reward_label(r)) for r in rewards]
+    names = _unique([r.name for r in given])
+    return [WeightedReward(r.fn, r.weight, n) for r, n in zip(given, names, strict=True)]
 
 
 def _as_scores(value, batch: int, name: str) -> torch.Tensor:
@@ -58,11 +81,13 @@ def _as_scores(value, batch: int, name: str) -> torch.Tensor:
     return t
 
 
-def _one(reward: WeightedReward, samples: torch.Tensor, prompts: Sequence[str], errors: list[str]) -> torch.Tensor:
+def _one(reward: WeightedReward, samples: torch.Tensor, prompts: Sequence[str], errors: list[str],
+         failures: dict[str, str]) -> torch.Tensor:
     batch = samples.shape[0]
     try:
         return _as_scores(reward.fn(samples, list(prompts)), batch, reward.name)
     except Exception as exc:  # noqa: BLE001 - any reward failure is isolated per sample below
+        log.debug("reward %r failed on the batch", reward.name, exc_info=True)
         batch_error = f"{type(exc).__name__}: {exc}"
     # The batch call failed: find the samples that fail on their own, score the rest.
     out = torch.full((batch,), float("nan"))
@@ -76,6 +101,7 @@ def _one(reward: WeightedReward, samples: torch.Tensor, prompts: Sequence[str], 
     if failed:
         msg = (f"reward {reward.name!r} failed on {len(failed)}/{batch} samples (dropped: {failed[:8]}); "
                f"last error: {last}")
+        failures[reward.name] = last
     else:
         msg = f"reward {reward.name!r} failed on the batch but on no single sample: {batch_error}"
     errors.append(msg)
@@ -86,13 +112,16 @@ def _one(reward: WeightedReward, samples: torch.Tensor, prompts: Sequence[str], 
 def score_samples(rewards: Sequence[WeightedReward], samples: torch.Tensor, prompts: Sequence[str]) -> ScoreResult:
     """Score decoded samples (B, 3, [T,] H, W) with every reward: (B, K) fp32, NaN = dropped."""
     errors: list[str] = []
-    cols = [_one(r, samples, prompts, errors) for r in rewards]
+    failures: dict[str, str] = {}
+    cols = [_one(r, samples, prompts, errors, failures) for r in rewards]
     scores = torch.stack(cols, 1)
     bad = ~torch.isfinite(scores)
     if bool(bad.any()):
         for k in bad.any(0).nonzero().flatten().tolist():
-            if not any(rewards[k].name in e for e in errors):
-                msg = f"reward {rewards[k].name!r} gave non-finite scores for {int(bad[:, k].sum())} samples (dropped)"
+            if rewards[k].name not in failures:
+                n = int(bad[:, k].sum())
+                msg = f"reward {rewards[k].name!r} gave non-finite scores for {n} samples (dropped)"
                 errors.append(msg)
                 log.warning(msg)
-    return ScoreResult(scores, errors)
+                failures[rewards[k].name] = f"non-finite scores for {n}/{scores.shape[0]} samples"
+    return ScoreResult(scores, errors, failures)
