@@ -76,8 +76,8 @@ def test_module_entry_point_eval_stdout_is_json():
     assert json.loads(proc.stdout)["num_prompts"] == 4
 
 
-def test_unavailable_model_and_missing_checkpoint_are_clear_errors(tmp_path, capsys):
+def test_unknown_model_and_missing_checkpoint_are_clear_errors(tmp_path, capsys):
     assert main(["eval", CONFIG, "model.name=flux"]) == 2
-    assert "diffusers adapter" in capsys.readouterr().err
+    assert "unknown model 'flux'" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def _cmd_train(args) -> int:
 
 
 def _eval_items(cfg, n: int):
-    from .rewards.registry import build_dataset
+    from .registry import build_dataset
 
     return build_dataset(cfg.data.name, split=cfg.data.eval_split, **cfg.data.kwargs).fixed(n)
 
@@ -141,7 +141,7 @@ def _prompt_items(args, cfg):
 
 
 def _cmd_sample(args) -> int:
-    from .rewards.registry import build_reward
+    from .registry import build_reward
     from .trainer.evaluate import best_of_n, generate
     from .trainer.images import save_grid
     from .trainer.policy import build_run_sampler
@@ -178,13 +178,14 @@ def _cmd_sample(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    from .registry import UnknownNameError
     from .trainer.checkpoint import CheckpointError
     from .trainer.config import ConfigError
 
     try:
         return {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval}[args.command](args)
-    except (ConfigError, FileNotFoundError, CheckpointError, NotImplementedError) as exc:
-        # user errors (bad config, missing file or checkpoint, a model not available yet): no traceback
+    except (ConfigError, FileNotFoundError, CheckpointError, UnknownNameError) as exc:
+        # user errors (bad config, missing file or checkpoint, an unknown model/reward/dataset): no traceback
         print(f"dancegrpo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

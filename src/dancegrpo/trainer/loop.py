@@ -1,4 +1,4 @@
-"""The GRPO training loop; ``Trainer.train_step`` reads like SPEC.md section 5.
+"""The GRPO training loop; ``Trainer.train_step`` runs these steps in order (docs/math.md has the math).
 
     1. roll out G samples for each of P prompts with the SDE sampler (eval mode, no grad)
     2. decode, score with the reward models, group-normalised advantages
@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from ..functional import group_advantages
-from ..rewards.registry import build_dataset
+from ..registry import build_dataset
 from .checkpoint import CheckpointManager, capture_rng, restore_rng
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .ema import EMA

@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..models.registry import build_model
+from ..registry import build_model
 from ..samplers import build_sampler
 from .config import TrainConfig
 from .lora import apply_lora

@@ -38,7 +38,7 @@ class ScoreResult:
 
 def build_rewards(specs) -> list[WeightedReward]:
     """Rewards from config entries (``name``, ``weight``, ``kwargs``), via the registry."""
-    from ..rewards.registry import build_reward
+    from ..registry import build_reward
 
     out, seen = [], set()
     for spec in specs:
