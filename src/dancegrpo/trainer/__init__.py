@@ -1,4 +1,4 @@
-"""The GRPO trainer (SPEC section 5): config, rollouts, rewards, update, checkpoints, logs.
+"""The GRPO trainer: config, rollouts, rewards, update, checkpoints, logs.
 
     from dancegrpo.trainer import load_config, train
     train(load_config("configs/toy.yaml", ["max_steps=20"]))

@@ -1,4 +1,4 @@
-"""Rollouts (SPEC section 2): G samples per prompt through the SDE sampler, trajectories kept.
+"""Rollouts: G samples per prompt through the SDE sampler, trajectories kept.
 
 For a batch of P prompts the policy samples B = P * G trajectories (groups contiguous), in
 eval mode and without grad, through :func:`dancegrpo.sample_step` at stochastic steps and the
