@@ -1,6 +1,6 @@
 """Benchmarks: `pytest bench/ --benchmark-only` (CPU, or the GPU when one is present).
 
-Shapes (issue 2/3): an image latent 8x16x128x128 and a video latent 2x16x21x60x104
+Shapes: an image latent 8x16x128x128 and a video latent 2x16x21x60x104
 (DANCEGRPO_BENCH_VIDEO_BATCH=8 for the GPU target shape). model_output bf16, latents fp32.
 """
 

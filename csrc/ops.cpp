@@ -2,8 +2,8 @@
 //
 // Schemas are the contract documented in dancegrpo/ops/compiled.py, shared with the Triton
 // backend; autograd is attached from Python (compiled.register_autograd) so both compiled
-// backends use one backward formula. CUDA kernels, when built, register themselves from
-// csrc/cuda/ with TORCH_LIBRARY_IMPL(dancegrpo, CUDA, m).
+// backends use one backward formula. There are no CUDA kernels here: on GPUs the Triton
+// backend runs.
 #include <omp.h>
 #include <torch/extension.h>
 #include <torch/library.h>

@@ -5,7 +5,7 @@ the order of a floating-point sum depends on the tiling, and a timing-based choi
 differ between two processes (or between ``sample_step`` and ``logprob_fwd``), which would
 make log-probs differ in their last bits. With one table, the rollout's logp and the training
 forward's logp of the same stored sample are computed by the same summation tree, which is
-what keeps the first importance ratio after a rollout at exactly 1 (SPEC section 5, pitfalls).
+what keeps the first importance ratio after a rollout at exactly 1.
 Elementwise kernels, whose results do not depend on the block size, are autotuned on GPU.
 
 Under ``TRITON_INTERPRET=1`` (tests on CPU) blocks are deliberately tiny so that small test

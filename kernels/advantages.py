@@ -1,4 +1,4 @@
-"""``group_advantages``: group-normalised advantages (SPEC section 3) in one launch.
+"""``group_advantages``: group-normalised advantages (docs/math.md) in one launch.
 
 Math. Rewards r (B, K), B = P groups of G contiguous samples, weights w (K,). A sample is
 valid unless ``drop`` is set and one of its rewards is non-finite; invalid samples count as

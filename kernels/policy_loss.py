@@ -1,6 +1,6 @@
 """``clipped_ratio_loss``: the PPO/GRPO clipped surrogate plus k3 KL, forward and backward.
 
-Math, per sample (SPEC section 4), with lo = 1 - clip_low, hi = 1 + clip_high:
+Math, per sample (docs/math.md), with lo = 1 - clip_low, hi = 1 + clip_high:
 
     ratio = exp(logp - old);  u = -A ratio;  c = -A clamp(ratio, lo, hi)
     per   = max(u, c) + beta (exp(ref - logp) - (ref - logp) - 1)      (KL term only with ref, beta != 0)

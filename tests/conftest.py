@@ -4,6 +4,7 @@
   set before any @triton.jit function is defined, so it is set here, before tests import
   dancegrpo.kernels. Detection uses nvidia-smi's presence, not a CUDA call (no device query
   at import time). Set DANCEGRPO_TEST_GPU=1 to force GPU mode.
+* The ``seed`` fixture: a random seed per test, printed when the test fails.
 * ``@pytest.mark.gpu`` tests are skipped without CUDA; ``@pytest.mark.bigmem`` tests only run
   with DANCEGRPO_BIGMEM=1.
 """
@@ -33,8 +34,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def seed():
-    """A fresh seed per test (logged on failure) so inputs are random but reproducible."""
-    s = int.from_bytes(os.urandom(4), "little")
+def seed(request):
+    """A fresh seed per test, seeding torch's global RNG, so inputs are random but reproducible:
+    a failing test's report shows it, and DANCEGRPO_TEST_SEED=<seed> replays it."""
+    fixed = os.environ.get("DANCEGRPO_TEST_SEED")
+    s = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(s)
+    request.node.user_properties.append(("seed", s))
     return s
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if report.failed and seeds:
+        line = f"seed {seeds[0]}: rerun with DANCEGRPO_TEST_SEED={seeds[0]} pytest '{item.nodeid}'"
+        if hasattr(report.longrepr, "addsection"):
+            report.longrepr.addsection("random seed", line)
+        else:
+            report.sections.append(("random seed", line))
+    return report

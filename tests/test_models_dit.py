@@ -293,7 +293,7 @@ def test_checkpointing_only_when_training_with_grad(monkeypatch):
     out_ckpt = model(x, t, text, **kw)
     assert calls == [False, False]  # blocks 0 and 2, non-reentrant
     # rollouts (eval, no grad) and training forwards (checkpointed) must agree bitwise, or the
-    # GRPO ratio is not exactly 1 on the first update (SPEC section 5, pitfalls)
+    # GRPO ratio is not exactly 1 on the first update
     torch.testing.assert_close(out_nograd, out_eval, atol=0, rtol=0)
     torch.testing.assert_close(out_ckpt.detach(), out_eval, atol=0, rtol=0)
     model.set_checkpointing("full")

@@ -6,13 +6,16 @@ import json
 import pytest
 import torch
 
+from dancegrpo.worlds.shapes.dataset import PromptDataset
 from dancegrpo.worlds.shapes.grammar import COLORS, SHAPES, sample_specs
 from dancegrpo.worlds.shapes.policy import ShapesPolicy
 from dancegrpo.worlds.shapes.pretrain import (
     add_image_condition,
     corrupt,
+    flow_matching_loss,
     inflate_image_policy,
     main,
+    training_batch,
 )
 
 TINY = dict(hidden_size=32, depth=2, num_heads=2)
@@ -129,6 +132,29 @@ def test_inflate_rejects_wrong_inputs():
         inflate_image_policy(ShapesPolicy("t2v", dit=TINY), "t2v")
 
 
+def test_training_batch_corrupts_captions_only():
+    clean = PromptDataset("t2v", split=None, frames=4).training_batch(6, torch.Generator().manual_seed(0))
+    x0, captions, first = training_batch(PromptDataset("t2v", split=None, frames=4), 6,
+                                         torch.Generator().manual_seed(0), label_noise=0.0)
+    torch.testing.assert_close(x0, clean[0] * 2 - 1)
+    assert captions == clean[1] and first is None
+
+
+def test_i2v_pretraining_conditions_on_the_first_frame_as_a_rollout_does():
+    """The policy gets the clip's own first frame in [0, 1], the range GRPO rollouts and
+    evaluation give it (the shipped I2V model was pretrained on (frame + 1) / 2 by mistake)."""
+    data = PromptDataset("i2v", split=None, frames=4)
+    x0, captions, first = training_batch(data, 3, torch.Generator().manual_seed(0), label_noise=0.0)
+    frame = (x0[:, :, 0] + 1) / 2
+    torch.testing.assert_close(first, frame)
+    policy = inflate_image_policy(_image_policy(), "i2v", frames=4)
+    seen, encode = [], policy.encode_prompts
+    policy.encode_prompts = lambda texts, images=None: seen.append(images) or encode(texts, images)
+    loss = flow_matching_loss(policy, x0, captions, first, torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss) and len(seen) == 1
+    torch.testing.assert_close(seen[0], frame)
+
+
 def _run(tmp_path, name, *extra):
     out = tmp_path / name
     main(["--steps", "4", "--batch", "2", "--eval-n", "2", "--threads", "1", "--dit", json.dumps(TINY),
@@ -139,8 +165,9 @@ def _run(tmp_path, name, *extra):
 def test_pretrain_script_end_to_end(tmp_path):
     out = _run(tmp_path, "t2i", "--task", "t2i", "--save-every", "2", "--snapshots", "1,3")
     stats = json.loads((out / "eval.json").read_text())
-    assert stats["task"] == "t2i" and stats["steps"] == 4 and stats["n"] == 2
+    assert stats["task"] == "t2i" and stats["steps"] == 4 and stats["num_prompts"] == 2
     assert 0 <= stats["correct_rate"] <= 1
+    assert all(0 <= stats[f"correct_rate_{a}"] <= 1 for a in ("color", "shape", "size", "position"))
     assert json.loads((out / "progress.json").read_text()) == {"step": 2}
     for step in (1, 3):  # kept snapshots load as policies
         assert ShapesPolicy.from_pretrained(out / f"step_{step}").task == "t2i"
@@ -152,7 +179,7 @@ def test_pretrain_script_end_to_end(tmp_path):
     for task in ("t2v", "i2v"):
         vid = _run(tmp_path, task, "--task", task, "--frames", "4", "--init-image", str(out))
         stats = json.loads((vid / "eval.json").read_text())
-        assert stats["task"] == task and "motion_mean" in stats and stats["init_image"] == str(out)
+        assert stats["task"] == task and "reward_shapes_motion_mean" in stats and stats["init_image"] == str(out)
         policy = ShapesPolicy.from_pretrained(vid)
         assert policy.task == task and policy.frames == 4
         # The text encoder was copied from the image model, then trained further.

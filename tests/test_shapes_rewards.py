@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dancegrpo.registry import REWARDS, build_reward
 from dancegrpo.worlds.shapes import (
     BACKGROUNDS,
     COLORS,
     MOTIONS,
     POSITIONS,
-    REWARDS,
     SHAPES,
     SIZES,
     AestheticReward,
@@ -29,7 +29,6 @@ from dancegrpo.worlds.shapes import (
     all_specs,
     detect,
     detect_batch,
-    make_reward,
     render_batch,
     sample_specs,
 )
@@ -315,11 +314,14 @@ def test_bad_input(reward):
             reward(x, ["a small pink circle in the center, white background, moving left"] * 2)
 
 
-def test_reward_registry():
-    assert set(REWARDS) == {"alignment", "binary", "aesthetic", "motion", "jpeg_compressibility"}
-    assert isinstance(make_reward("binary", threshold=0.6), BinaryReward)
-    with pytest.raises(ValueError, match="unknown reward"):
-        make_reward("hps")
+def test_every_shapes_reward_is_registered():
+    classes = (AlignmentReward, BinaryReward, AestheticReward, MotionReward, JpegCompressibilityReward)
+    registered = {type(build_reward(name)) for name in REWARDS.names() if name != "toy"}
+    assert registered == set(classes)
+    binary = build_reward("shapes_binary", threshold=0.6)
+    assert isinstance(binary, BinaryReward) and binary.threshold == 0.6
+    with pytest.raises(ValueError, match="unknown reward 'hps'"):
+        build_reward("hps")
 
 
 def test_compatible_positions_cover_every_motion():

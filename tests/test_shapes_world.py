@@ -5,7 +5,6 @@ through the detector, so a renderer bug cannot hide behind a matching detector b
 """
 
 import math
-import time
 from collections import Counter
 
 import pytest
@@ -158,7 +157,6 @@ def test_split_stable_and_about_80_20():
         specs = all_specs(video)
         counts = Counter(split_of(s) for s in specs)
         assert 0.75 <= counts["train"] / len(specs) <= 0.85, counts
-        assert [split_of(s) for s in specs] == [split_of(s) for s in specs]
         # Held-out scenes are new combinations of attribute values all seen in training.
         train = [s for s in specs if split_of(s) == "train"]
         for attr in ("color", "shape", "size", "position", "background"):
@@ -325,17 +323,6 @@ def test_scene_geometry_matches_spec():
     g = scene_geometry(specs, 8)
     assert torch.allclose(g["cx"][0, 0], torch.tensor(0.3)) and torch.allclose(g["cx"][0, -1], torch.tensor(0.55))
     assert torch.allclose(g["r"], torch.full((1, 8), SIZES["large"]))
-
-
-def test_render_speed():
-    specs = sample_specs(256, torch.Generator().manual_seed(0))
-    render_batch(specs, generator=torch.Generator().manual_seed(0))
-    best = math.inf
-    for _ in range(3):   # best of 3: the CI machine is shared
-        t0 = time.perf_counter()
-        render_batch(specs, generator=torch.Generator().manual_seed(0))
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.5, f"256 images took {best:.3f}s"
 
 
 # ----------------------------------------------------------------------------- text

@@ -304,7 +304,6 @@ def test_ema_is_tracked_and_saved(tmp_path):
 
 
 def test_lora_trains_only_adapters(tmp_path):
-    pytest.importorskip("peft")
     torch.manual_seed(0)
     trainer = Trainer(toy_cfg(tmp_path, "max_steps=2", "lora.enabled=true", "lora.rank=4", "loss.kl_beta=0.01"))
     base = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}

@@ -110,8 +110,7 @@ def test_apply_overrides_creates_sections():
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_load_and_validate(name):
     cfg = load_config(CONFIGS / name)
-    from dancegrpo.models.registry import MODELS
-    from dancegrpo.rewards.registry import DATASETS, REWARDS
+    from dancegrpo.registry import DATASETS, MODELS, REWARDS
 
     assert cfg.model.name in MODELS
     assert cfg.data.name in DATASETS
@@ -123,21 +122,28 @@ def test_required_configs_exist():
         assert (CONFIGS / f"{name}.yaml").is_file(), name
 
 
-def test_registries_are_lazy_and_explain_missing_entries():
-    from dancegrpo.models.registry import MODELS, build_model
-    from dancegrpo.rewards.registry import REWARDS, build_dataset, build_reward
+def test_registries_build_by_name_and_explain_unknown_names():
+    from dancegrpo.registry import (
+        DATASETS,
+        MODELS,
+        REWARDS,
+        build_dataset,
+        build_model,
+        build_reward,
+    )
 
-    for name in ("toy", "shapes", "sd14", "flux", "hunyuanvideo", "skyreels_i2v", "wan_i2v"):
-        assert name in MODELS
-    for name in ("toy", "shapes_alignment", "shapes_binary", "shapes_aesthetic", "shapes_motion",
-                 "jpeg_compressibility"):
-        assert name in REWARDS
-    with pytest.raises(NotImplementedError, match="diffusers adapter"):
-        build_model("flux")
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        build_reward("hps_v2")
+    assert set(MODELS.names()) == {"toy", "shapes"}
+    assert set(DATASETS.names()) == {"toy", "shapes", "prompt_file"}
+    assert set(REWARDS.names()) == {"toy", "shapes_alignment", "shapes_binary", "shapes_aesthetic",
+                                    "shapes_motion", "jpeg_compressibility"}
     with pytest.raises(ValueError, match=r"unknown model 'tyo' \(did you mean toy"):
         build_model("tyo")
+    with pytest.raises(ValueError, match=r"unknown model 'flux'; known: toy, shapes"):
+        build_model("flux")
+    with pytest.raises(ValueError, match=r"unknown reward 'shapes_alignmnt' \(did you mean shapes_alignment"):
+        build_reward("shapes_alignmnt")
+    with pytest.raises(ValueError, match=r"unknown prompt dataset 'shape' \(did you mean shapes"):
+        build_dataset("shape")
     model = build_model("toy", task="t2v")
     assert model.latent_shape() == (3, 4, 2, 2)
     assert build_reward("toy").name == "toy_colour"
@@ -145,7 +151,7 @@ def test_registries_are_lazy_and_explain_missing_entries():
 
 
 def test_prompt_file_dataset(tmp_path):
-    from dancegrpo.rewards.registry import build_dataset
+    from dancegrpo.registry import build_dataset
 
     p = tmp_path / "prompts.txt"
     p.write_text("\n".join(f"prompt {i}" for i in range(20)) + "\n\n")

@@ -1,7 +1,7 @@
 """Short end-to-end GRPO runs on the shapes world (T2I, T2V, I2V) with the shipped configs.
 
-Skipped until the shapes world's dataset and policy are importable. Uses tiny overrides (one
-prompt, two samples, two sampler steps, 16-pixel frames, a randomly initialised policy) so each run takes seconds.
+Uses tiny overrides (one prompt, two samples, two sampler steps, 16-pixel frames, a randomly
+initialised policy) so each run takes seconds.
 """
 
 from pathlib import Path
@@ -13,8 +13,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
 
 @pytest.mark.parametrize("task", ["t2i", "t2v", "i2v"])
 def test_shapes_short_run(tmp_path, task):
-    pytest.importorskip("dancegrpo.worlds.shapes.dataset")
-    pytest.importorskip("dancegrpo.worlds.shapes.policy")
     from dancegrpo.trainer import Trainer, load_config
 
     # small frames (16 px, 4 frames) and 2 sampler steps keep each run to a few seconds on CPU

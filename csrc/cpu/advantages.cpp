@@ -1,4 +1,4 @@
-// group_advantages: group-normalised advantages (SPEC section 3), B = P groups of G samples.
+// group_advantages: group-normalised advantages (docs/math.md), B = P groups of G samples.
 //
 // Math, per reward column k (or on the weighted sum r = sum_k w_k r_k with aggregate_reward):
 //   valid_s   = all rewards of s finite (drop_nonfinite), else true; invalid rewards count as 0

@@ -4,7 +4,7 @@
 //   y = mean + std * noise, stored in x's dtype (rounded to nearest even, as Tensor.to does)
 //   logp = mean_i [ -(y_stored_i - mean_i)^2 / (2 std^2) ] - log std - log sqrt(2 pi)
 // The log-prob is of the *stored* y, so that step_logprob on the returned latents reproduces
-// it exactly in the ratio of the first update (SPEC section 5's "ratio must be exactly 1").
+// it exactly in the ratio of the first update, which must be exactly 1.
 //
 // Shape: as logprob_fwd (logprob.cpp): (sample, tile) jobs in parallel, fp32 tile buffers,
 // per-tile partial sums added in a fixed order in double. Each tile of y is written, then read

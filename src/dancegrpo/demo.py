@@ -20,15 +20,17 @@ import torch
 DEFAULT_CONFIG = "shapes_t2i"  # a shipped config: the demo needs no source tree
 
 
-def _evaluate(model, cfg, items, rewards, device):
-    from .trainer.evaluate import evaluate_policy, generate
+def _evaluate(model, cfg, items, device):
+    """The run's evaluation (the same as ``dancegrpo eval`` and the base models' eval.json) and
+    the samples of the first 32 prompts for a grid."""
+    from .trainer.evaluate import evaluate_config, generate
     from .trainer.policy import build_run_sampler
 
     e = cfg.eval
-    kw = dict(samples_per_prompt=e.samples_per_prompt, mode=e.mode, seed=e.seed, device=device,
-              batch_size=e.batch_size, mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
-    stats = evaluate_policy(model, build_run_sampler(cfg, model), items, rewards, **kw)
-    samples, _ = generate(model, build_run_sampler(cfg, model), items[:32], **kw)
+    stats = evaluate_config(model, cfg, device=device)
+    samples, _ = generate(model, build_run_sampler(cfg, model), items[:32], samples_per_prompt=e.samples_per_prompt,
+                          mode=e.mode, seed=e.seed, device=device, batch_size=e.batch_size,
+                          mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
     return stats, samples
 
 
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
 
     print(f"\n== 2. base model on {len(items)} held-out prompts ==", flush=True)
     base = build_policy(cfg, device)
-    before, before_samples = _evaluate(base, cfg, items, rewards, device)
+    before, before_samples = _evaluate(base, cfg, items, device)
     out.mkdir(parents=True, exist_ok=True)
     save_grid(before_samples, out / "before", columns=8)
     print(json.dumps({k: before[k] for k in ("reward_mean", "correct_rate") if k in before}), flush=True)
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     train_s = time.time() - t0
 
     print(f"\n== 4. trained model on the same {len(items)} held-out prompts ==", flush=True)
-    after, after_samples = _evaluate(trainer.model, cfg, items, rewards, device)
+    after, after_samples = _evaluate(trainer.model, cfg, items, device)
     save_grid(after_samples, out / "after", columns=8)
 
     summary = {"before": before, "after": after, "train_seconds": round(train_s, 1),

@@ -1,9 +1,9 @@
 """The model interface the trainer and samplers use; every model family implements it.
 
-Our video DiT, and the diffusers adapters (SD 1.x with epsilon prediction and classifier-free
-guidance, FLUX with packed latents and a guidance embedding, HunyuanVideo / Wan with video
-latents and image conditioning) all look the same from here, so the trainer never branches
-on the model.
+The shapes world's video DiT (``dancegrpo.worlds.shapes.policy``) and the toy model
+implement it; another model family (a flow model predicting velocity, or a diffusion model
+predicting noise with classifier-free guidance inside ``predict``) plugs in by implementing
+the same four methods, so the trainer never branches on the model.
 
 Conditioning is a ``dict[str, Tensor]`` whose tensors all have the batch first, so the
 trainer can store, index (``{k: v[idx]}``) and move it without knowing what it holds.

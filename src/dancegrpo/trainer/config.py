@@ -5,7 +5,7 @@ name of a config shipped in ``dancegrpo/configs``), applies each ``a.b=value`` o
 parsed as YAML, then checked against the field's type), builds the dataclasses (an unknown key
 is an error naming the key and the close matches) and validates the values. ``save_config``
 writes it back; loading that file gives an equal config. Defaults follow DanceGRPO's FLUX
-setup; the shipped configs set the rest.
+setup (docs/math.md gives the sources); the shipped configs set the rest.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RewardConfig", "SamplerC
 
 @dataclass
 class ModelConfig:
-    name: str = "toy"              # registry name: toy, shapes, sd14, flux, hunyuanvideo, skyreels_i2v, wan_i2v
-    kwargs: dict = field(default_factory=dict)  # passed to the model builder (task, pretrained, guidance...)
+    name: str = "toy"              # dancegrpo.registry.MODELS name: toy, shapes
+    kwargs: dict = field(default_factory=dict)  # passed to the model builder (task, pretrained, ...)
 
 
 @dataclass
 class DataConfig:
-    name: str = "toy"              # prompt dataset registry name: toy, shapes
+    name: str = "toy"              # dancegrpo.registry.DATASETS name: toy, shapes, prompt_file
     kwargs: dict = field(default_factory=dict)  # passed to the dataset (task, size, frames...)
     train_split: str = "train"
     eval_split: str = "heldout"
@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "toy"              # reward registry name
+    name: str = "toy"              # dancegrpo.registry.REWARDS name
     weight: float = 1.0            # w_k in A = sum_k w_k A_k
     kwargs: dict = field(default_factory=dict)
 

@@ -13,7 +13,7 @@ import torch
 from .rollout import collect_rollout
 from .scoring import WeightedReward, score_samples
 
-__all__ = ["generate", "evaluate_policy", "best_of_n"]
+__all__ = ["generate", "evaluate_policy", "evaluate_config", "best_of_n"]
 
 
 def generate(model, sampler, items: Sequence, *, samples_per_prompt: int = 1, mode: str = "ode", seed: int = 0,
@@ -67,6 +67,23 @@ def evaluate_policy(model, sampler, items: Sequence, rewards: Sequence[WeightedR
     if scored.errors:
         out["errors"] = scored.errors
     return out
+
+
+def evaluate_config(model, cfg, *, device="cpu", extra_rewards: Sequence[WeightedReward] = ()) -> dict:
+    """The evaluation of ``model`` under run config ``cfg`` (``dancegrpo eval``, the demo, the
+    shapes base models' ``eval.json``): the first ``cfg.eval.num_prompts`` fixed prompts of the
+    dataset's ``eval_split``, the run's sampler in ``cfg.eval.mode`` (deterministic by default),
+    the run's rewards. ``extra_rewards`` are scored alongside (weight 0 keeps ``reward_mean``)."""
+    from ..registry import build_dataset
+    from .policy import build_run_sampler
+    from .scoring import build_rewards
+
+    e = cfg.eval
+    items = build_dataset(cfg.data.name, split=cfg.data.eval_split, **cfg.data.kwargs).fixed(e.num_prompts)
+    rewards = build_rewards(cfg.rewards) + list(extra_rewards)
+    return evaluate_policy(model, build_run_sampler(cfg, model), items, rewards,
+                           samples_per_prompt=e.samples_per_prompt, mode=e.mode, seed=e.seed, device=device,
+                           batch_size=e.batch_size, mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
 
 
 def best_of_n(samples: torch.Tensor, prompts: Sequence[str], k: int, reward: WeightedReward | None):

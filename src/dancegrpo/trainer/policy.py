@@ -17,8 +17,7 @@ import yaml
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, DeviceError
-from ..models.registry import MODELS
-from ..rewards.registry import DATASETS, REWARDS
+from ..registry import DATASETS, MODELS, REWARDS
 from ..samplers import build_sampler
 from .config import TrainConfig
 from .lora import apply_lora

@@ -1,7 +1,7 @@
 """A prompt dataset read from a text file (one prompt per line), for models without a world.
 
-The paper configs train on prompt lists (e.g. HPS-v2 or VidProM prompts) that users supply:
-``data: {name: prompt_file, kwargs: {path: prompts.txt}}``. The last ``eval_fraction`` of the
+Models outside the shapes world train on prompt lists users supply (the paper used HPS-v2
+and VidProM prompts): ``data: {name: prompt_file, kwargs: {path: prompts.txt}}``. The last ``eval_fraction`` of the
 lines (at least one) is the "heldout" split.
 """
 

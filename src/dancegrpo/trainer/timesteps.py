@@ -1,4 +1,4 @@
-"""Which steps are sampled with noise, and which of those are trained.
+"""Which steps are sampled with noise, and which of those are trained (step 3 of the loop in loop.py).
 
 * ``dance`` (DanceGRPO): the whole trajectory is stochastic; the last step is dropped and
   each sample trains a random subset of a fraction ``tau`` of the remaining steps.

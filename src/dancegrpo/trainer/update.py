@@ -1,4 +1,4 @@
-"""The policy update.
+"""The policy update (steps 4-5 of the loop in loop.py).
 
 For each (sample, chosen step) the model is forwarded with grad and
 :func:`dancegrpo.grpo_step_loss` gives the clipped-ratio loss of the stored next latent (plus

@@ -26,13 +26,11 @@ from .grammar import (
 )
 from .renderer import first_frame, first_frames, render_batch, render_image, render_video
 from .rewards import (
-    REWARDS,
     AestheticReward,
     AlignmentReward,
     BinaryReward,
     JpegCompressibilityReward,
     MotionReward,
-    make_reward,
 )
 from .text import TextEncoder, Tokenizer
 
@@ -43,6 +41,5 @@ __all__ = [
     "Tokenizer", "TextEncoder",
     "Detection", "detect", "detect_batch",
     "AlignmentReward", "BinaryReward", "AestheticReward", "MotionReward", "JpegCompressibilityReward",
-    "REWARDS", "make_reward",
     "PromptItem", "PromptDataset",
 ]

@@ -17,7 +17,8 @@ The base model is *deliberately imperfect*, the way a model pretrained on web ca
 with probability ``label_noise`` a caption names a wrong colour, and independently a wrong
 shape (for video also a wrong motion; image-to-video keeps colour and shape, which the first
 frame shows). The model therefore learns to follow a prompt only part of the time, leaving the
-headroom GRPO is meant to close. Held-out scores are written to ``<out>/eval.json``.
+headroom GRPO is meant to close. Pretraining sees every scene, held-out ones included (GRPO
+trains on the train split only). ``<out>/eval.json`` holds :func:`evaluate`'s held-out scores.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ from pathlib import Path
 import torch
 
 from ...models.rope import absolute_position_embedding
-from .grammar import COLORS, MOTIONS, SHAPES, SceneSpec, compatible, sample_specs
+from ...trainer.config import load_config
+from ...trainer.ema import EMA
+from ...trainer.evaluate import evaluate_config
+from ...trainer.scoring import WeightedReward
+from .dataset import PromptDataset
+from .grammar import COLORS, MOTIONS, SHAPES, SceneSpec, compatible, parse_prompt
 from .policy import ShapesPolicy
-from .renderer import render_batch
-from .rewards import AlignmentReward, MotionReward
+from .rewards import ATTRIBUTES, AlignmentReward
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def corrupt(specs: list[SceneSpec], p: float, generator: torch.Generator, *, task: str) -> list[SceneSpec]:
@@ -57,51 +64,43 @@ def corrupt(specs: list[SceneSpec], p: float, generator: torch.Generator, *, tas
     return out
 
 
-def training_batch(task: str, n: int, generator: torch.Generator, *, size: int, frames: int, label_noise: float):
-    video = task != "t2i"
-    specs = sample_specs(n, generator, video=video)
-    pixels = render_batch(specs, size, frames=frames, video=video, generator=generator)
-    captions = [s.prompt for s in corrupt(specs, label_noise, generator, task=task)]
-    first = pixels[:, :, 0] if task == "i2v" else None
-    return pixels * 2 - 1, captions, first
+def training_batch(data: PromptDataset, n: int, generator: torch.Generator, *, label_noise: float):
+    """``(x0 (n, 3, [T,] H, W) in [-1, 1], captions, first frames (n, 3, H, W) in [0, 1] or
+    None)``: rendered scenes of ``data`` with captions corrupted at rate ``label_noise``."""
+    pixels, prompts, *first = data.training_batch(n, generator)
+    specs = [parse_prompt(p) for p in prompts]
+    captions = [s.prompt for s in corrupt(specs, label_noise, generator, task=data.task)]
+    return pixels * 2 - 1, captions, (first[0] if first else None)
 
 
-@torch.no_grad()
-def generate(policy: ShapesPolicy, prompts, images=None, *, steps=16, eta=0.3, shift=1.0, seed=0):
-    """Sample with the DanceGRPO SDE sampler and decode the final x0 prediction (as GRPO does)."""
-    import dancegrpo as dg
-
-    policy.eval()
-    g = torch.Generator().manual_seed(seed)
-    cond = policy.encode_prompts(prompts, images)
-    x = torch.randn((len(prompts), *policy.latent_shape()), generator=g)
-    sigmas = dg.flow_schedule(steps, shift)
-    for i in range(steps):
-        s = torch.full((len(prompts),), float(sigmas[i]))
-        v = policy.predict(x, 1000 * s, cond)
-        if i == steps - 1:
-            return policy.decode(x - s.view(-1, *[1] * (x.dim() - 1)) * v)
-        c = dg.flow_sde_coeffs(s.double(), torch.full_like(s, float(sigmas[i + 1])).double(), eta)
-        x, _ = dg.sample_step(v, x, c, noise=torch.randn(x.shape, generator=g))
+def flow_matching_loss(policy: ShapesPolicy, x0: torch.Tensor, captions, first, generator: torch.Generator):
+    """Mean squared error of the predicted velocity ``noise - x0`` at sigma drawn half from a
+    logit-normal, half uniformly; ``first``: the i2v first frames in [0, 1], as GRPO gives them."""
+    n = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.where(torch.rand(n, generator=generator) < 0.5, torch.sigmoid(torch.randn(n, generator=generator)),
+                        torch.rand(n, generator=generator))
+    sv = sigma.view(-1, *[1] * (x0.dim() - 1))
+    xt = (1 - sv) * x0 + sv * noise
+    cond = policy.encode_prompts(captions, first)
+    return (policy.predict(xt, 1000 * sigma, cond) - (noise - x0)).pow(2).mean()
 
 
-def evaluate(policy: ShapesPolicy, *, n=256, split="heldout", seed=1234, **sampler) -> dict:
-    """Held-out reward statistics of ``policy`` (alignment, % correct, motion for video)."""
-    g = torch.Generator().manual_seed(seed)
-    video = policy.task != "t2i"
-    specs = sample_specs(n, g, video=video, split=split)
-    prompts = [s.prompt for s in specs]
-    images = None
-    if policy.task == "i2v":
-        images = render_batch(specs, policy.size, frames=policy.frames, video=True, generator=g)[:, :, 0]
-    samples = torch.cat([generate(policy, prompts[i:i + 64], None if images is None else images[i:i + 64],
-                                  seed=seed + i, **sampler) for i in range(0, n, 64)])
-    align = AlignmentReward()
-    out = {"n": n, "split": split, "alignment_mean": float(align(samples, prompts).mean()),
-           "correct_rate": float(align.correct(samples, prompts).float().mean())}
-    if video:
-        out["motion_mean"] = float(MotionReward()(samples, prompts).mean())
-    return out
+def evaluate(policy: ShapesPolicy, *, num_prompts: int = 128) -> dict:
+    """The held-out evaluation of a base model: ``dancegrpo eval`` of its task's shipped config
+    (``configs/shapes_<task>.yaml``: its fixed held-out prompts, sampler in its eval mode, rewards
+    and seed), so a base model's number is the one the demo and a GRPO run start from. Adds each
+    attribute's correct rate (``correct_rate_color`` ...; zero-weight rewards)."""
+    name = f"shapes_{policy.task}"
+    cfg = load_config(CONFIGS / f"{name}.yaml", [f"eval.num_prompts={num_prompts}", "device=cpu",
+                                                 f"data.kwargs.size={policy.size}",
+                                                 f"data.kwargs.frames={policy.frames}"])
+    attrs = [WeightedReward(AlignmentReward((a,)), 0.0, a) for a in ATTRIBUTES]
+    stats = evaluate_config(policy, cfg, device="cpu", extra_rewards=attrs)
+    s, e = cfg.sampler, cfg.eval
+    stats["evaluation"] = (f"{name}.yaml: {num_prompts} fixed {cfg.data.eval_split} prompts, {s.num_steps}-step "
+                           f"{s.kind} sampler in {e.mode} mode, seed {e.seed}")
+    return stats
 
 
 def _copy_latent_patch_embed(dst: torch.Tensor, src: torch.Tensor, channels: int, pt_src: int, pt_dst: int) -> None:
@@ -199,9 +198,9 @@ def add_image_condition(t2v: ShapesPolicy) -> ShapesPolicy:
     return i2v
 
 
-def _save_ema(policy: ShapesPolicy, ema: dict, out: Path, *, step: int) -> None:
+def _save_ema(policy: ShapesPolicy, ema: EMA, out: Path, *, step: int) -> None:
     """Save the EMA weights (atomically, via save_pretrained) without touching the live ones."""
-    policy.save_pretrained(out, state_dict=ema)
+    policy.save_pretrained(out, state_dict={**policy.state_dict(), **ema.state_dict()})
     (out / "progress.json").write_text(json.dumps({"step": step}))
 
 
@@ -215,7 +214,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument("--eval-n", type=int, default=128, help="held-out prompts of the final evaluation")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dit", default="{}", help='DiT config overrides as JSON, e.g. \'{"depth": 6}\'')
     p.add_argument("--init", default=None, help="start from this ShapesPolicy folder")
@@ -257,27 +256,19 @@ def main(argv=None):
     warmup = max(1, min(200, args.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
                                               (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps))))
-    ema = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    ema = EMA(policy.named_parameters(), 0.995)
+    data = PromptDataset(args.task, split=None, size=args.size, frames=args.frames)
     t0, running = time.time(), 0.0
     policy.train()
     for step in range(1, args.steps + 1):
-        x0, captions, first = training_batch(args.task, args.batch, g, size=args.size, frames=args.frames,
-                                             label_noise=args.label_noise)
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = torch.where(torch.rand(args.batch, generator=g) < 0.5, torch.sigmoid(torch.randn(args.batch, generator=g)),
-                            torch.rand(args.batch, generator=g))
-        sv = sigma.view(-1, *[1] * (x0.dim() - 1))
-        xt = (1 - sv) * x0 + sv * noise
-        cond = policy.encode_prompts(captions, None if first is None else (first + 1) / 2)
-        loss = (policy.predict(xt, 1000 * sigma, cond) - (noise - x0)).pow(2).mean()
+        x0, captions, first = training_batch(data, args.batch, g, label_noise=args.label_noise)
+        loss = flow_matching_loss(policy, x0, captions, first, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for k, v in policy.state_dict().items():
-                ema[k].lerp_(v, 1 - 0.995) if v.is_floating_point() else ema[k].copy_(v)
+        ema.update()
         running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
         if step % 100 == 0 or step == args.steps:
             print(f"step {step:5d}  loss {running:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:6.0f}s",
@@ -286,10 +277,10 @@ def main(argv=None):
             _save_ema(policy, ema, Path(args.out), step=step)
         if step in snapshots:
             _save_ema(policy, ema, Path(args.out) / f"step_{step}", step=step)
-    policy.load_state_dict(ema)
+    ema.copy_to(policy.named_parameters())
     out = Path(args.out)
     policy.save_pretrained(out)
-    stats = evaluate(policy, n=args.eval_n)
+    stats = evaluate(policy, num_prompts=args.eval_n)
     stats.update(task=args.task, steps=args.steps, init=args.init, init_image=args.init_image, init_t2v=args.init_t2v, batch=args.batch, label_noise=args.label_noise, seed=args.seed,
                  train_seconds=round(time.time() - t0), parameters=sum(p.numel() for p in policy.parameters()))
     (out / "eval.json").write_text(json.dumps(stats, indent=2))

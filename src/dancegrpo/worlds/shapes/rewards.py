@@ -40,7 +40,7 @@ from .renderer import motion_offsets
 
 __all__ = [
     "Detection", "detect", "detect_batch", "AlignmentReward", "BinaryReward", "AestheticReward",
-    "MotionReward", "JpegCompressibilityReward", "REWARDS", "make_reward",
+    "MotionReward", "JpegCompressibilityReward",
 ]
 
 _COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
@@ -321,15 +321,3 @@ class JpegCompressibilityReward(_Reward):
         kb = torch.tensor(sizes, dtype=torch.float32).reshape(-1, t).mean(1)
         return (-kb).to(samples.device)
 
-
-REWARDS = {
-    cls.name: cls
-    for cls in (AlignmentReward, BinaryReward, AestheticReward, MotionReward, JpegCompressibilityReward)
-}
-
-
-def make_reward(name: str, **kwargs):
-    """A reward by its ``name`` (``REWARDS`` keys), built with ``kwargs``."""
-    if name not in REWARDS:
-        raise ValueError(f"make_reward: unknown reward {name!r}; expected one of {sorted(REWARDS)}")
-    return REWARDS[name](**kwargs)
