@@ -105,6 +105,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     (["eval", CONFIG, "model.name=toi"], ("model.name", "unknown model 'toi'", "did you mean toy")),
     (["eval", CONFIG, "data.name=shapez"], ("data.name", "unknown prompt dataset 'shapez'", "shapes")),
     (["eval", CONFIG, "model.kwargs.hiden=8"], ("model.name=toy", "hiden")),
+    (["eval", "shapes_t2i", "model.kwargs.task=t2x"], ("model.name=shapes", "shapes_t2x")),
     (["sample", "--config", CONFIG, "--reward", "toyy", "--prompt", "red"], ("--reward", "unknown reward 'toyy'")),
 ])
 def test_unknown_registry_names_and_arguments_are_one_line(tmp_path, capsys, argv, needles):

@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, DeviceError
+from ..errors import CheckpointError, ConfigError, DeviceError, UserError
 from ..registry import DATASETS, MODELS, REWARDS
 from ..samplers import build_sampler
 from .config import TrainConfig
@@ -51,7 +51,14 @@ def build_named(kind: str, name, key: str, **kwargs):
         inspect.signature(registry.resolve(name)).bind(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{key}={name}: {exc} (check the kwargs given with it)") from None
-    return registry.build(name, **kwargs)
+    try:
+        return registry.build(name, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        # A builder validating the values it was given from the config: the user's to fix. Only
+        # this call is covered, so the same exceptions from training itself keep their traceback.
+        raise ConfigError(f"{key}={name} with kwargs {kwargs}: {exc}") from exc
 
 
 def build_run_dataset(cfg: TrainConfig, split: str):
