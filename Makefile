@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=69" wheel ninja
+	$(PIP) install -q --upgrade pip "setuptools>=70.1" ninja
 	$(PIP) install -q "$(TORCH_SPEC)"
 	touch $@
 
