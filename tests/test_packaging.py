@@ -57,6 +57,9 @@ for backend in ("torch", "native", "auto"):
         x = torch.randn(shape, generator=g)
         y, logp0 = dg.sample_step(v.detach(), x, c, generator=g, backend=backend)
         y2, _ = dg.sample_step(v.detach(), x, c, noise=torch.randn(shape, generator=g), backend=backend)
+        x_ode = dg.ode_step(v, x, c)
+        ids = torch.tensor([1, 0, 1, 0])
+        adv_ids = dg.group_advantages(torch.randn(B, generator=g), group_ids=ids, backend=backend)
         logp = dg.step_logprob(v, x, y, c, backend=backend)
         adv = dg.group_advantages(torch.randn(B, 2, generator=g), 2, weights=[0.5, 0.5], backend=backend)
         loss, _ = dg.clipped_ratio_loss(logp, logp0, adv, backend=backend)
@@ -65,7 +68,7 @@ for backend in ("torch", "native", "auto"):
         loss3, _ = dg.GRPOStepLoss(beta=0.0, backend=backend)(v, x, y2, c, logp0, adv)
         (loss + loss2 + loss3).backward()
         assert v.grad is not None and bool(torch.isfinite(v.grad).all()), backend
-called |= {"sample_step", "step_logprob", "group_advantages", "clipped_ratio_loss", "grpo_step_loss",
+called |= {"ode_step", "sample_step", "step_logprob", "group_advantages", "clipped_ratio_loss", "grpo_step_loss",
            "GRPOStepLoss"}
 
 missing = sorted(n for n in dg.__all__ if callable(getattr(dg, n)) and n not in called)
@@ -196,9 +199,8 @@ def test_installed_wheel_env_shows_native_available(wheel_install):
 def test_installed_wheel_trains_a_shipped_config(wheel_install):
     _, target, elsewhere, _ = wheel_install
     out = elsewhere / "run"
-    config = target / "dancegrpo" / "configs" / "shapes_t2i.yaml"
     # the shipped base model, a few samples and sampler steps: seconds, on the compiled ops
-    proc = _python(target, elsewhere, "-m", "dancegrpo.cli", "train", str(config), "max_steps=2",
+    proc = _python(target, elsewhere, "-m", "dancegrpo", "train", "shapes_t2i", "max_steps=2",
                    f"output_dir={out}", "device=cpu", "log.progress=false", "rollout.prompts_per_step=2",
                    "rollout.group_size=2", "sampler.num_steps=4", "optim.train_batch_size=4",
                    "optim.gradient_accumulation_steps=1", "log.num_sample_prompts=2", "checkpoint_every=2",
