@@ -108,7 +108,7 @@ def test_registries_are_lazy_and_explain_missing_entries():
                  "jpeg_compressibility"):
         assert name in REWARDS
     with pytest.raises(NotImplementedError, match="diffusers adapter"):
-        build_model("flux")
+        build_model("hunyuanvideo")
     with pytest.raises(NotImplementedError, match="not available yet"):
         build_reward("hps_v2")
     with pytest.raises(ValueError, match=r"unknown model 'tyo' \(did you mean toy"):

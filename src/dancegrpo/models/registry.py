@@ -67,10 +67,10 @@ MODELS = LazyRegistry(
     {
         "toy": "dancegrpo.worlds.toy:build_toy_model",
         "shapes": "dancegrpo.worlds.shapes.policy:build_policy",
+        "flux": "dancegrpo.models.diffusers.flux:build_flux",
     },
     unavailable={
         "sd14": f"Stable Diffusion 1.4 {_DIFFUSERS}",
-        "flux": f"FLUX.1-dev {_DIFFUSERS}",
         "hunyuanvideo": f"HunyuanVideo {_DIFFUSERS}",
         "skyreels_i2v": f"SkyReels I2V {_DIFFUSERS}",
         "wan_i2v": f"Wan 2.1 I2V {_DIFFUSERS}",
