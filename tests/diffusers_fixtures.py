@@ -179,7 +179,9 @@ def run_pipeline(family: str, pipe, prompts, x0: torch.Tensor, steps: int, **ove
     if family == "sd3":
         return pipe(latents=x0, max_sequence_length=kw["max_sequence_length"],
                     negative_prompt=kw.get("negative_prompt"), **call).images
-    return pipe(latents=x0, eta=0.0, negative_prompt=kw.get("negative_prompt"), **call).images
+    negative = kw.get("negative_prompt")  # SD's pipeline wants one per prompt with a list of prompts
+    return pipe(latents=x0, eta=0.0, negative_prompt=None if negative is None else [negative] * len(prompts),
+                **call).images
 
 
 # The papers' samplers: DanceGRPO on FLUX, Flow-GRPO on SD3.5, DDIM with noise on SD.

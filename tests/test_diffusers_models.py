@@ -10,6 +10,7 @@ and activation checkpointing that lowers the saved activations.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,8 +35,9 @@ from dancegrpo.trainer.policy import load_trained_policy
 from dancegrpo.trainer.prompts import TextPrompt
 from dancegrpo.trainer.rollout import collect_rollout
 
-FAMILIES = ["flux"]
+FAMILIES = ["flux", "sd3", "sd"]
 STEPS = 4
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -223,3 +225,29 @@ def test_import_dancegrpo_loads_no_diffusers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
+
+
+SHIPPED = {"flux_dancegrpo": "flux", "flux_lora": "flux", "sd35_flowgrpo": "sd3", "sd14_dancegrpo": "sd"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs_run_on_tiny_weights(name, tmp_path, tmp_path_factory):
+    """The paper configs as shipped (precision, LoRA, KL, checkpointing, schedule), sized down."""
+    family = SHIPPED[name]
+    folder = tiny_pipeline(family, tmp_path_factory)
+    path = CONFIGS / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and "model.kwargs.path" in first
+    sizes = [f"model.kwargs.{k}={v}" for k, v in MODEL[family][1].items() if k != "guidance_scale"]
+    cfg = load_config(path, [f"model.kwargs.path={folder}", *sizes, f"data.kwargs.path={prompt_file(tmp_path)}",
+                             "rewards=[{name: jpeg_compressibility}]", "sampler.num_steps=3", "max_steps=1",
+                             "rollout.prompts_per_step=1", "rollout.group_size=2", "rollout.batch_size=0",
+                             "optim.train_batch_size=2", "optim.gradient_accumulation_steps=1", "device=cpu",
+                             f"output_dir={tmp_path / 'run'}", "log.sample_every=0", "log.num_sample_prompts=0",
+                             "log.tensorboard=false", "log.progress=false"])
+    (metrics,) = Trainer(cfg).train()
+    assert metrics["optimizer_steps"] == 1 and metrics["skipped"] == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    export = "lora/pytorch_lora_weights.safetensors" if cfg.lora.enabled else \
+        f"{'unet' if family == 'sd' else 'transformer'}/config.json"
+    assert export in verify_checkpoint(ckpt)["files"]

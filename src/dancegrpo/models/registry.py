@@ -68,9 +68,11 @@ MODELS = LazyRegistry(
         "toy": "dancegrpo.worlds.toy:build_toy_model",
         "shapes": "dancegrpo.worlds.shapes.policy:build_policy",
         "flux": "dancegrpo.models.diffusers.flux:build_flux",
+        "sd3": "dancegrpo.models.diffusers.sd3:build_sd3",
+        "sd": "dancegrpo.models.diffusers.sd:build_sd",
+        "sd14": "dancegrpo.models.diffusers.sd:build_sd",  # the paper's name for it
     },
     unavailable={
-        "sd14": f"Stable Diffusion 1.4 {_DIFFUSERS}",
         "hunyuanvideo": f"HunyuanVideo {_DIFFUSERS}",
         "skyreels_i2v": f"SkyReels I2V {_DIFFUSERS}",
         "wan_i2v": f"Wan 2.1 I2V {_DIFFUSERS}",

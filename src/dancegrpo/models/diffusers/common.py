@@ -190,11 +190,14 @@ class DiffusersAdapter(nn.Module):
             raise TypeError("prompts must be a list of strings, not one string")
         if images is not None:
             raise ValueError(f"{type(self).__name__} is a text-to-image model: it takes no images")
+        return self._encode_texts(list(prompts))
+
+    def _encode_texts(self, prompts: list[str]) -> Conditioning:
         encoders = self._text_encoders()
         self._follow(*encoders)
         try:
             with torch.no_grad():
-                cond = self._encode(list(prompts))
+                cond = self._encode(prompts)
         finally:
             if self.offload_text_encoders:
                 for m in encoders:
@@ -214,6 +217,36 @@ class DiffusersAdapter(nn.Module):
                 img = vae.decode(z, return_dict=False)[0]
                 outs.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(outs)
+
+    # ------------------------------------------------------------------ classifier-free guidance
+    @property
+    def real_cfg(self) -> bool:
+        """Whether ``predict`` runs real CFG (the pipelines' rule: guidance_scale > 1)."""
+        return self.guidance_scale > 1
+
+    def _negative(self) -> Conditioning:
+        """The negative prompt's conditioning, encoded once and kept (it never changes)."""
+        if getattr(self.frozen, "negative", None) is None:
+            self.frozen.negative = self._encode_texts([self.negative_prompt])
+        return self.frozen.negative
+
+    def _cfg_inputs(self, latents, timesteps, cond: Conditioning, dtype):
+        """(latents, timesteps, cond) with the unconditional half first when CFG is on, as the
+        pipelines batch it: one forward of 2B samples."""
+        device = latents.device
+        cond = {k: v.to(device, dtype) for k, v in cond.items()}
+        if not self.real_cfg:
+            return latents, timesteps, cond
+        b = latents.shape[0]
+        neg = {k: v.to(device, dtype).expand(b, *v.shape[1:]) for k, v in self._negative().items()}
+        return (torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                {k: torch.cat([neg[k], cond[k]]) for k in cond})
+
+    def _cfg_combine(self, out: torch.Tensor) -> torch.Tensor:
+        if not self.real_cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + self.guidance_scale * (text - uncond)
 
     # ------------------------------------------------------------------ activation checkpointing
     def set_checkpointing(self, mode: str, every: int = 2) -> None:
