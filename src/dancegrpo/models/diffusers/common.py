@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ...trainer.config import ConfigError
 from ..interface import Conditioning
 
-__all__ = ["Frozen", "DiffusersAdapter", "parse_dtype", "load_component", "flow_sampler_from_scheduler"]
+__all__ = ["Frozen", "DiffusersAdapter", "build", "parse_dtype", "load_component", "flow_sampler_from_scheduler"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -78,7 +78,7 @@ def load_component(cls, source: str, subfolder: str, dtype: torch.dtype | None =
                                 f"{first}") from exc
 
 
-def _positive_int(key: str, value) -> int:
+def positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"model.kwargs.{key} must be a positive integer, got {value!r}")
     return value
@@ -88,6 +88,23 @@ def _finite(key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"model.kwargs.{key} must be a finite number, got {value!r}")
     return float(value)
+
+
+def build(cls, name: str, path, kwargs: dict):
+    """``cls(path, **kwargs)``, with an unknown key named in one line (and the close matches)."""
+    import difflib
+    import inspect
+
+    known = set()
+    for klass in (cls, DiffusersAdapter):
+        known |= {k for k, v in inspect.signature(klass.__init__).parameters.items()
+                  if v.kind is v.KEYWORD_ONLY}
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=2)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown model.kwargs key {key!r} for model {name!r}{hint}")
+    return cls(path, **kwargs)
 
 
 # --------------------------------------------------------------------------- activation checkpointing
@@ -147,7 +164,7 @@ class DiffusersAdapter(nn.Module):
         self.source = resolve_source(path)
         self.weight_dtype = parse_dtype(dtype)
         self.guidance_scale = _finite("guidance_scale", guidance_scale)
-        self.decode_batch_size = _positive_int("decode_batch_size", decode_batch_size)
+        self.decode_batch_size = positive_int("decode_batch_size", decode_batch_size)
         if not isinstance(offload_text_encoders, bool) or not isinstance(export_full_weights, bool):
             raise ConfigError("model.kwargs.offload_text_encoders and export_full_weights must be true or false")
         self.offload_text_encoders = offload_text_encoders
@@ -177,7 +194,7 @@ class DiffusersAdapter(nn.Module):
                 m.eval()
 
     def _check_size(self, key: str, value, multiple: int) -> int:
-        value = _positive_int(key, value)
+        value = positive_int(key, value)
         if value % multiple:
             raise ConfigError(f"model.kwargs.{key} must be a multiple of {multiple} for {type(self).__name__}, "
                               f"got {value}")
@@ -213,7 +230,7 @@ class DiffusersAdapter(nn.Module):
         outs = []
         with torch.no_grad():
             for chunk in latents.split(self.decode_batch_size):
-                z = chunk.to(self.device, vae.dtype) / scale + shift
+                z = chunk.to(self.device, self.weight_dtype) / scale + shift
                 img = vae.decode(z, return_dict=False)[0]
                 outs.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(outs)
@@ -255,7 +272,7 @@ class DiffusersAdapter(nn.Module):
         training mode with grad enabled."""
         if mode not in CHECKPOINTING_MODES:
             raise ConfigError(f"model.kwargs.checkpointing must be one of {list(CHECKPOINTING_MODES)}, got {mode!r}")
-        _positive_int("checkpoint_every", every)
+        positive_int("checkpoint_every", every)
         units = self._checkpoint_units()
         for i, unit in enumerate(units):
             setattr(unit, _MARK, mode == "full" or i % every == 0)

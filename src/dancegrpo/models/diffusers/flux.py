@@ -26,9 +26,10 @@ from ..interface import Conditioning
 from .common import (
     DiffusersAdapter,
     Frozen,
-    _positive_int,
+    build,
     flow_sampler_from_scheduler,
     load_component,
+    positive_int,
 )
 
 __all__ = ["FluxModel", "build_flux", "pack", "unpack"]
@@ -71,7 +72,7 @@ class FluxModel(DiffusersAdapter):
         if negative_prompt:
             raise ConfigError("model.kwargs.negative_prompt: FLUX.1 is guidance-distilled and takes no negative "
                               "prompt; remove it (guidance_scale sets the guidance embedding)")
-        self.max_sequence_length = _positive_int("max_sequence_length", max_sequence_length)
+        self.max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
         if self.max_sequence_length > 512:
             raise ConfigError(f"model.kwargs.max_sequence_length must be <= 512 for FLUX, got {max_sequence_length}")
         src, dt = self.source, self.weight_dtype
@@ -108,7 +109,7 @@ class FluxModel(DiffusersAdapter):
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Velocity (B, C, h, w) at ``timesteps`` = 1000 sigma (FLUX is fed sigma)."""
         b, _, h, w = latents.shape
-        dtype, device = self.transformer.dtype, latents.device
+        dtype, device = self.weight_dtype, latents.device  # ModelMixin.dtype walks the parameters: slow
         embeds = cond["prompt_embeds"].to(device, dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
@@ -140,4 +141,4 @@ class FluxModel(DiffusersAdapter):
 
 def build_flux(path: str | None = None, **kwargs) -> FluxModel:
     """FLUX.1 from a diffusers pipeline folder (or a cached hub id): ``model.kwargs.path``."""
-    return FluxModel(path, **kwargs)
+    return build(FluxModel, "flux", path, kwargs)

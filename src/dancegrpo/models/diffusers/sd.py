@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from ...trainer.config import ConfigError
 from ..interface import Conditioning
-from .common import DiffusersAdapter, Frozen, load_component
+from .common import DiffusersAdapter, Frozen, build, load_component
 
 __all__ = ["SDModel", "build_sd"]
 
@@ -81,7 +81,7 @@ class SDModel(DiffusersAdapter):
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Guided epsilon (B, 4, h, w) at DDPM step ``timesteps``."""
-        dtype = self.unet.dtype
+        dtype = self.weight_dtype
         x, t, c = self._cfg_inputs(latents.to(dtype), timesteps.to(latents.device), cond, dtype)
         out = self._cfg_combine(self.unet(x, t, encoder_hidden_states=c["prompt_embeds"], return_dict=False)[0])
         if self.v_prediction:
@@ -105,4 +105,4 @@ class SDModel(DiffusersAdapter):
 
 def build_sd(path: str | None = None, **kwargs) -> SDModel:
     """SD 1.x / 2.x from a diffusers pipeline folder (or a cached hub id): ``model.kwargs.path``."""
-    return SDModel(path, **kwargs)
+    return build(SDModel, "sd", path, kwargs)

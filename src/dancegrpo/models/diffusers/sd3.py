@@ -22,9 +22,10 @@ from ..interface import Conditioning
 from .common import (
     DiffusersAdapter,
     Frozen,
-    _positive_int,
+    build,
     flow_sampler_from_scheduler,
     load_component,
+    positive_int,
 )
 from .flux import ATTENTION
 
@@ -43,7 +44,7 @@ class SD3Model(DiffusersAdapter):
         if not isinstance(negative_prompt, str):
             raise ConfigError(f"model.kwargs.negative_prompt must be a string, got {negative_prompt!r}")
         self.negative_prompt = negative_prompt
-        self.max_sequence_length = _positive_int("max_sequence_length", max_sequence_length)
+        self.max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
         if self.max_sequence_length > 512:
             raise ConfigError(f"model.kwargs.max_sequence_length must be <= 512 for SD3, got {max_sequence_length}")
         src, dt = self.source, self.weight_dtype
@@ -83,7 +84,7 @@ class SD3Model(DiffusersAdapter):
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Guided velocity (B, C, h, w) at ``timesteps`` = 1000 sigma."""
-        dtype = self.transformer.dtype
+        dtype = self.weight_dtype
         x, t, c = self._cfg_inputs(latents.to(dtype), timesteps.to(latents.device), cond, dtype)
         out = self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=c["prompt_embeds"],
                                pooled_projections=c["pooled"], return_dict=False)[0]
@@ -108,4 +109,4 @@ class SD3Model(DiffusersAdapter):
 
 def build_sd3(path: str | None = None, **kwargs) -> SD3Model:
     """SD3 / SD3.5 from a diffusers pipeline folder (or a cached hub id): ``model.kwargs.path``."""
-    return SD3Model(path, **kwargs)
+    return build(SD3Model, "sd3", path, kwargs)
