@@ -268,8 +268,9 @@ class DiffusersAdapter(nn.Module):
     # ------------------------------------------------------------------ activation checkpointing
     def set_checkpointing(self, mode: str, every: int = 2) -> None:
         """Activation checkpointing of the denoiser's blocks, as our DiT's: "none", "full" (every
-        block) or "selective" (blocks 0, every, 2*every, ... in forward order). Acts only in
-        training mode with grad enabled."""
+        block) or "selective" (units 0, every, 2*every, ... of ``_checkpoint_units()``: forward
+        order for the transformers, module order for the UNet). Acts only in training mode with
+        grad enabled."""
         if mode not in CHECKPOINTING_MODES:
             raise ConfigError(f"model.kwargs.checkpointing must be one of {list(CHECKPOINTING_MODES)}, got {mode!r}")
         positive_int("checkpoint_every", every)
