@@ -77,7 +77,7 @@ def test_module_entry_point_eval_stdout_is_json():
 
 
 def test_unavailable_model_and_missing_checkpoint_are_clear_errors(tmp_path, capsys):
-    assert main(["eval", CONFIG, "model.name=flux"]) == 2
+    assert main(["eval", CONFIG, "model.name=hunyuanvideo"]) == 2
     assert "diffusers adapter" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
