@@ -72,6 +72,9 @@ _SHAPES_REWARDS = "dancegrpo.worlds.shapes.rewards"
 MODELS = LazyRegistry("model", {
     "toy": "dancegrpo.worlds.toy:build_toy_model",
     "shapes": "dancegrpo.worlds.shapes.policy:build_policy",
+    "flux": "dancegrpo.models.diffusers.flux:build_flux",
+    "sd3": "dancegrpo.models.diffusers.sd3:build_sd3",
+    "sd": "dancegrpo.models.diffusers.sd:build_sd",
 })
 
 REWARDS = LazyRegistry("reward", {

@@ -45,6 +45,24 @@ def _broadcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def _given_sigmas(sigmas, num_steps: int) -> torch.Tensor:
+    """A caller's flow schedule as float64 (N + 1,): decreasing, in (0, 1], ending at 0."""
+    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).flatten()
+    if s.numel() != num_steps + 1:
+        raise ValueError(f"sigmas must hold num_steps + 1 = {num_steps + 1} values, got {s.numel()}")
+    if not (bool((s[:-1] > 0).all()) and bool((s[:-1] <= 1).all()) and float(s[-1]) == 0.0
+            and bool((s[1:] < s[:-1]).all())):
+        raise ValueError(f"sigmas must decrease from (0, 1] to exactly 0, got {s.tolist()}")
+    return s
+
+
+def _given_timesteps(timesteps, num_steps: int) -> torch.Tensor:
+    t = torch.as_tensor(timesteps).detach().to("cpu", torch.float32).flatten()
+    if t.numel() != num_steps or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"timesteps must hold num_steps = {num_steps} finite values, got {t.tolist()}")
+    return t
+
+
 class _Sampler:
     """Shared plumbing; subclasses fill ``_table`` with per-step float64 rows."""
 
@@ -96,8 +114,10 @@ class _Sampler:
 class FlowSampler(_Sampler):
     """Rectified-flow sampler: Euler-Maruyama SDE (DanceGRPO / Flow-GRPO / CPS) or Euler ODE.
 
-    sigmas from :func:`dancegrpo.flow_schedule` (``num_steps + 1`` values, 1 -> 0). The model
-    predicts the velocity ``v``; ``x0 = x - sigma v``; the ODE step is ``y = x + (sigma' - sigma) v``.
+    sigmas from :func:`dancegrpo.flow_schedule` (``num_steps + 1`` values, 1 -> 0), or the given
+    ``sigmas`` (``num_steps + 1`` values ending at 0, e.g. a diffusers scheduler's) and model
+    ``timesteps`` (default ``1000 sigma``). The model predicts the velocity ``v``;
+    ``x0 = x - sigma v``; the ODE step is ``y = x + (sigma' - sigma) v``.
     ``logprob="mse"`` gives the SDE steps Flow-GRPO's CPS log-prob convention (see
     :class:`dancegrpo.StepCoeffs`); a trainer that stores (a, b, std) must carry it too.
     """
@@ -105,7 +125,7 @@ class FlowSampler(_Sampler):
     prediction = "velocity"
 
     def __init__(self, num_steps: int, shift: float = 1.0, eta: float = 0.3, variant: str = "dance",
-                 logprob: str = "gaussian"):
+                 logprob: str = "gaussian", *, sigmas=None, timesteps=None):
         self.num_steps = _check_int("num_steps", num_steps)
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
             raise ValueError(f"shift must be a float > 0, got {shift!r}")
@@ -114,7 +134,11 @@ class FlowSampler(_Sampler):
         if variant not in _FLOW_VARIANTS:
             raise ValueError(f"variant must be one of {_FLOW_VARIANTS}, got {variant!r}")
         self.variant = variant
-        self.sigmas = flow_schedule(self.num_steps, self.shift)  # float64 (N + 1,)
+        if sigmas is None:
+            self.sigmas = flow_schedule(self.num_steps, self.shift)  # float64 (N + 1,)
+        else:  # a given schedule, e.g. a diffusers scheduler's (then ``shift`` is not used)
+            self.sigmas = _given_sigmas(sigmas, self.num_steps)
+        self._timesteps = None if timesteps is None else _given_timesteps(timesteps, self.num_steps)
         # Scalar work is done once here: one (a, b, std) row per step, for the SDE and the ODE.
         s, sn = self.sigmas[:-1], self.sigmas[1:]
         # Flow-GRPO at sigma = 1 uses the schedule's next sigma in sqrt(sigma / (1 - sigma)).
@@ -124,7 +148,10 @@ class FlowSampler(_Sampler):
         self._ode = flow_sde_coeffs(s, sn, 0.0)
 
     def model_timesteps(self, i, batch: int | None = None) -> torch.Tensor:
-        """fp32 ``1000 * sigma_i``, shape () for an int ``i`` (or (batch,)), (B,) for a tensor."""
+        """fp32 ``1000 * sigma_i`` (or the given timesteps), shape () for an int ``i`` (or
+        (batch,)), (B,) for a tensor."""
+        if self._timesteps is not None:
+            return self._per_sample(self._timesteps[self._index(i)], batch)
         return self._per_sample((1000.0 * self.sigmas[self._index(i)]).float(), batch)
 
     def sigma(self, i) -> torch.Tensor:
@@ -160,12 +187,13 @@ class DDIMSampler(_Sampler):
     "leading" spacing ``t_i = (num_steps - 1 - i) * (T // num_steps) + steps_offset`` (SD 1.x:
     steps_offset = 1); the step goes to ``t_i - T // num_steps``, whose alpha-bar is
     ``final_alpha_cumprod`` (default alpha-bar[0], SD's ``set_alpha_to_one=False``) below 0.
+    ``timesteps``: N decreasing DDPM steps to use instead of the leading spacing.
     """
 
     prediction = "epsilon"
 
     def __init__(self, alphas_cumprod, num_steps: int = 50, eta: float = 1.0, steps_offset: int = 1,
-                 final_alpha_cumprod: float | None = None):
+                 final_alpha_cumprod: float | None = None, *, timesteps=None):
         self.num_steps = _check_int("num_steps", num_steps)
         self.eta = _check_eta(eta)
         ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
@@ -178,7 +206,13 @@ class DDIMSampler(_Sampler):
             raise ValueError(f"num_steps={num_steps} exceeds the {total} training timesteps of alphas_cumprod")
         _check_int("steps_offset", steps_offset, 0)
         ratio = total // self.num_steps
-        ts = (torch.arange(self.num_steps - 1, -1, -1, dtype=torch.long) * ratio + steps_offset).clamp(max=total - 1)
+        if timesteps is None:
+            ts = (torch.arange(self.num_steps - 1, -1, -1, dtype=torch.long) * ratio + steps_offset).clamp(max=total - 1)
+        else:  # a given spacing (e.g. a diffusers scheduler's "trailing"); each step still goes t -> t - T // N
+            ts = torch.as_tensor(timesteps).detach().to("cpu", torch.long).flatten()
+            if ts.numel() != self.num_steps or int(ts.min()) < 0 or int(ts.max()) >= total or \
+                    not bool((ts[1:] < ts[:-1]).all()):
+                raise ValueError(f"timesteps must be {self.num_steps} decreasing ints in [0, {total}), got {ts.tolist()}")
         prev = ts - ratio
         final = float(ab[0]) if final_alpha_cumprod is None else float(final_alpha_cumprod)
         if not 0 < final <= 1:
@@ -209,8 +243,14 @@ def build_sampler(kind: str, model=None, *, num_steps: int, eta: float, shift: f
                   beta_end: float = 0.012, steps_offset: int = 1, logprob: str = "gaussian"):
     """A sampler from config values. ``kind="auto"`` follows ``model.prediction`` (velocity ->
     flow, epsilon -> DDIM). DDIM uses ``model.alphas_cumprod`` when the model has one, else the
-    scaled-linear schedule from ``beta_start``/``beta_end``."""
+    scaled-linear schedule from ``beta_start``/``beta_end``. ``kind="scheduler"``: the model's own
+    schedule (``model.scheduler_sampler``, e.g. a diffusers pipeline's scheduler with its shift)."""
     prediction = getattr(model, "prediction", None)
+    if kind == "scheduler":
+        if not callable(getattr(model, "scheduler_sampler", None)):
+            raise ValueError(f"sampler kind 'scheduler' needs a model with its own scheduler (diffusers models: "
+                             f"sd, sd3, flux); {type(model).__name__} has none: use kind 'flow' or 'ddim'")
+        return model.scheduler_sampler(num_steps, eta=eta, variant=variant)
     if kind == "auto":
         if prediction not in ("velocity", "epsilon"):
             raise ValueError(f"sampler kind 'auto' needs model.prediction 'velocity' or 'epsilon', got {prediction!r}")
@@ -226,7 +266,7 @@ def build_sampler(kind: str, model=None, *, num_steps: int, eta: float, shift: f
             ab = scaled_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
         sampler = DDIMSampler(ab, num_steps, eta, steps_offset=steps_offset)
     else:
-        raise ValueError(f"sampler kind must be 'auto', 'flow' or 'ddim', got {kind!r}")
+        raise ValueError(f"sampler kind must be 'auto', 'flow', 'ddim' or 'scheduler', got {kind!r}")
     if prediction is not None and prediction != sampler.prediction:
         raise ValueError(f"model predicts {prediction!r} but the {kind!r} sampler expects {sampler.prediction!r}")
     return sampler

@@ -177,15 +177,19 @@ class CheckpointManager:
         return self.scan()[0]
 
     def save(self, step: int, *, model_state: dict, optimizer_state: dict, rng_state: dict, run_state: dict,
-             config_yaml: str, ema_state: dict | None = None) -> Path:
-        """Write checkpoint ``step`` atomically and prune old ones. Returns its directory."""
+             config_yaml: str, ema_state: dict | None = None, export=None) -> Path:
+        """Write checkpoint ``step`` atomically and prune old ones. Returns its directory.
+
+        export: optional ``f(directory)`` writing more files (e.g. a model's weights in its
+        library's format) into the checkpoint before it is sealed; they are hashed like the rest.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
         try:
             tmp.mkdir()
-            self._write(tmp, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state)
+            self._write(tmp, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state, export)
         except BaseException:  # an error or Ctrl-C mid-save: leave no half-written directory behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -197,7 +201,8 @@ class CheckpointManager:
         return final
 
     @staticmethod
-    def _write(tmp: Path, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state) -> None:
+    def _write(tmp: Path, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state,
+               export) -> None:
         files = {
             "model.safetensors": lambda p: _write_safetensors(p, model_state),
             "optimizer.pt": lambda p: _write_torch(p, optimizer_state),
@@ -211,6 +216,13 @@ class CheckpointManager:
         for name, write in files.items():
             write(tmp / name)
             meta[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        if export is not None:
+            export(tmp)
+            for f in sorted(q for q in tmp.rglob("*") if q.is_file()):
+                name = f.relative_to(tmp).as_posix()
+                if name not in meta:
+                    _fsync_file(f)
+                    meta[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
         _write_bytes(tmp / MARKER, json.dumps({"step": step, "files": meta}, indent=1).encode())
         _fsync_dir(tmp)
 

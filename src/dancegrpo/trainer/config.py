@@ -52,7 +52,7 @@ class RewardConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: str = "auto"             # auto (from model.prediction) | flow | ddim
+    kind: str = "auto"             # auto (from model.prediction) | flow | ddim | scheduler (the model's own)
     num_steps: int = 16
     eta: float = 0.3               # DanceGRPO g (flow), DDIM eta
     shift: float = 1.0             # flow schedule shift: 3 FLUX/Wan, 5 HunyuanVideo, 7 SkyReels
@@ -430,7 +430,7 @@ def _validate(cfg: TrainConfig) -> None:
         need(bool(r.name), f"rewards.{i}.name", "a reward name", r.name)
         finite(f"rewards.{i}.weight", r.weight)
     s = cfg.sampler
-    choice("sampler.kind", s.kind, ("auto", "flow", "ddim"))
+    choice("sampler.kind", s.kind, ("auto", "flow", "ddim", "scheduler"))
     pos_int("sampler.num_steps", s.num_steps, 2)
     finite("sampler.eta", s.eta, 0, lo_open=True)
     finite("sampler.shift", s.shift, 0, lo_open=True)

@@ -329,9 +329,17 @@ class Trainer:
             run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
             config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
             ema_state=self.ema.state_dict() if self.ema is not None else None,
+            export=self._export_weights(),
         )
         log.info("saved checkpoint %s", path)
         return path
+
+    def _export_weights(self):
+        """The model's own-format export (diffusers adapters: ``lora/`` or the denoiser folder)."""
+        export = getattr(self.model, "export_checkpoint", None)
+        if not callable(export):
+            return None
+        return lambda directory: export(directory, lora=self.cfg.lora.enabled)
 
     def _resume(self, path: Path) -> None:
         ckpt = CheckpointManager.load(path)

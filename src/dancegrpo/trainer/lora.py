@@ -29,15 +29,16 @@ def require_peft():
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules) -> nn.Module:
-    """Inject LoRA adapters into ``model`` in place (every nn.Linear when target_modules is empty).
+    """Inject LoRA adapters into ``model`` in place. Empty target_modules: the model's own
+    ``lora_target_modules`` when it has them (diffusers adapters), else every nn.Linear.
 
     Afterwards only the adapter parameters have ``requires_grad``.
     """
     peft = require_peft()
     if not isinstance(model, nn.Module):
         raise TypeError(f"LoRA needs the model to be a torch.nn.Module, got {type(model).__name__}")
-    targets = list(target_modules) or sorted({name.split(".")[-1] for name, m in model.named_modules()
-                                              if isinstance(m, nn.Linear)})
+    targets = list(target_modules) or list(getattr(model, "lora_target_modules", ())) or sorted(
+        {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
     if not targets:
         raise ConfigError("lora.enabled=true: the model has no nn.Linear layer to adapt; set lora.target_modules")
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
