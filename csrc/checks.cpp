@@ -28,8 +28,6 @@ void check_latent(const char* op, const char* name, const at::Tensor& t, const a
     TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but ",
                       like_name, " is on ", like.device());
   }
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name,
-                    " must be contiguous (the Python layer calls .contiguous())");
 }
 
 void check_per_sample(const char* op, const char* name, const at::Tensor& t,
@@ -41,7 +39,6 @@ void check_per_sample(const char* op, const char* name, const at::Tensor& t,
                     batch, ",), got ", t.sym_sizes());
   TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
                     ", expected ", like.device());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 void check_logprob_args(const char* op, const char* y_name, const at::Tensor& v,
@@ -80,12 +77,10 @@ void check_advantage_args(const at::Tensor& rewards, const at::Tensor& weights,
   TORCH_CHECK_VALUE(rewards.dim() == 2, op, ": rewards must have shape (B, K), got ", rewards.sym_sizes());
   TORCH_CHECK_VALUE(rewards.sym_size(0) >= 1 && rewards.sym_size(1) >= 1, op,
                     ": rewards is empty (shape ", rewards.sym_sizes(), ")");
-  TORCH_CHECK_VALUE(rewards.is_contiguous(), op, ": rewards must be contiguous");
   TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, op, ": weights must be float32, got ",
                    weights.scalar_type());
   TORCH_CHECK_VALUE(weights.dim() == 1 && weights.sym_size(0) == rewards.sym_size(1), op,
                     ": weights must have shape (K,) = (", rewards.sym_size(1), ",), got ", weights.sym_sizes());
-  TORCH_CHECK_VALUE(weights.is_contiguous(), op, ": weights must be contiguous");
   TORCH_CHECK_VALUE(weights.device() == rewards.device(), op, ": weights is on ", weights.device(),
                     " but rewards is on ", rewards.device());
   TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);

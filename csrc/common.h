@@ -28,14 +28,27 @@ constexpr double kLogSqrt2Pi = 0.918938533204672741780329736406;
 
 bool is_latent_dtype(at::ScalarType t);
 
-// A big per-sample tensor (B, ...): fp32/bf16/fp16, contiguous, same shape and device as
+// A big per-sample tensor (B, ...): fp32/bf16/fp16, any strides, same shape and device as
 // `like` (pass like == t for the first one, which must have B >= 1 and non-empty samples).
 void check_latent(const char* op, const char* name, const at::Tensor& t,
                   const at::Tensor& like, const char* like_name);
 
-// A per-sample vector: fp32, shape (batch,), contiguous, on `like`'s device.
+// A per-sample vector: fp32, shape (batch,), any strides, on `like`'s device.
 void check_per_sample(const char* op, const char* name, const at::Tensor& t,
                       const c10::SymInt& batch, const at::Tensor& like);
+
+// ---- layout ------------------------------------------------------------------------------
+//
+// The ops accept inputs of any strides: a model output may be a permuted view, latents may be
+// slices, and inductor may hand a backward op a saved tensor in a layout of its own choosing (it
+// only enforces a custom op's eager strides in forward graphs). The kernels index dense
+// row-major storage, so a strided input is copied once on entry (no copy when it is already
+// contiguous). Every output is contiguous, which is what the Meta kernels report.
+inline at::Tensor dense(const at::Tensor& t) { return t.contiguous(); }
+inline std::optional<at::Tensor> dense(const std::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined()) return t->contiguous();
+  return t;
+}
 
 // ---- CPU kernels (cpu/*.cpp) ------------------------------------------------------------
 

@@ -1,4 +1,5 @@
 // Meta kernels: output shapes and dtypes only, for FakeTensor, torch.compile and opcheck.
+// Outputs are contiguous whatever the inputs' strides, as the CPU kernels' (common.h, layout).
 //
 // They run the same argument checks as the CPU kernels so tracing fails with the same message
 // as eager, and they build shapes from sym_sizes() so dynamic shapes trace without

@@ -1,7 +1,8 @@
 """The Triton launchers as ``torch.ops.dancegrpo_triton.*`` custom ops (schemas: ops/compiled.py).
 
 Each op gets a fake implementation (shapes and dtypes only) so ``torch.compile`` traces through
-it without a graph break; the backward formulas are attached by
+it without a graph break. The ops accept inputs of any strides (the launchers copy a strided input
+once) and return contiguous outputs, which is what the fakes report; the backward formulas are attached by
 ``dancegrpo.ops.compiled.register_autograd("dancegrpo_triton")``, which the backend calls once
 after importing this module. Importing this module is the registration: the ``"triton"``
 backend does it on first use, never ``import dancegrpo``.
@@ -51,7 +52,7 @@ def _logprob_bwd(g_logp: Tensor, g_msd: Tensor | None, v: Tensor, x: Tensor, y: 
 
 @_logprob_bwd.register_fake
 def _(g_logp, g_msd, v, x, y, v_ref, a, b, std, sum, need_v, need_x, need_y):
-    pick = lambda t, need: torch.empty_like(t) if need else t.new_empty((0,))
+    pick = lambda t, need: t.new_empty(t.shape if need else (0,))
     return pick(v, need_v), pick(x, need_x), pick(y, need_y)
 
 
@@ -64,7 +65,7 @@ def _sample_step(v: Tensor, x: Tensor, noise: Tensor, a: Tensor, b: Tensor, std:
 
 @_sample_step.register_fake
 def _(v, x, noise, a, b, std, sum):
-    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_F32)
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=_F32)
 
 
 @_op("sample_step_rng", "(Tensor v, Tensor x, Tensor seed, Tensor a, Tensor b, Tensor std, bool sum) "
@@ -76,7 +77,7 @@ def _sample_step_rng(v: Tensor, x: Tensor, seed: Tensor, a: Tensor, b: Tensor, s
 
 @_sample_step_rng.register_fake
 def _(v, x, seed, a, b, std, sum):
-    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_F32)
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=_F32)
 
 
 @_op("group_advantages", "(Tensor rewards, Tensor weights, int group_size, int std_mode, bool unbiased, "
@@ -114,4 +115,4 @@ def _policy_loss_bwd(g_loss: Tensor, logp: Tensor, old_logp: Tensor, adv: Tensor
 
 @_policy_loss_bwd.register_fake
 def _(g_loss, logp, old_logp, adv, ref_logp, clip_low, clip_high, beta, reduction):
-    return torch.empty_like(logp)
+    return logp.new_empty(logp.shape)

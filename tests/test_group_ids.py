@@ -107,7 +107,7 @@ def test_nan_drop_leaves_samples_out_of_their_group(kw, seed):
     rewards[4, 0] = float("inf")  # group 0 keeps three
     rewards[[2, 5]] = float("nan")  # group 1 keeps one: advantage 0
     weights = torch.tensor([1.0, 0.5], dtype=F64)
-    with pytest.raises(ValueError, match="non-finite values at samples \\[2, 3, 4, 5\\]"):
+    with pytest.raises(ValueError, match=r"non-finite values.*\(samples \[2, 3, 4, 5\]\)"):
         dg.group_advantages(rewards, group_ids=ids, weights=weights)
     out = dg.group_advantages(rewards, group_ids=ids, weights=weights, nan_policy="drop", clip=None,
                               backend="torch", **kw)

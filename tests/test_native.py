@@ -139,8 +139,6 @@ def _bad_calls():
          "a must be a float32 per-sample tensor"),
         (lambda: ops().logprob_fwd(v, x, y, None, a, b, torch.ones(B + 1), False), ValueError,
          r"std must have shape \(3,\), got \[4\]"),
-        (lambda: ops().logprob_fwd(v, x.transpose(1, 2).contiguous().transpose(1, 2), y, None, a, b, s, False),
-         ValueError, "x must be contiguous"),
         (lambda: ops().logprob_fwd(v, x, y, v[:, :1].contiguous(), a, b, s, False), ValueError, "v_ref has shape"),
         (lambda: ops().logprob_fwd(v[:0], x[:0], y[:0], None, a[:0], b[:0], s[:0], False), ValueError,
          r"empty batch \(B = 0\)"),
@@ -252,8 +250,6 @@ def test_torch_compile_fullgraph_matches_eager(seed):
                                         backend="native")
         return loss, stats["logp"], stats["kl"], stats["clip_fraction"]
 
-    # The first dispatch imports the backend module, which dynamo cannot trace; load it eagerly first.
-    get_backend("native").unavailable_reasons()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     outs = compiled(v, x, y, v_ref, old, adv)
     (grad_c,) = torch.autograd.grad(outs[0], v)

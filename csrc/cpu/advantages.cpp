@@ -23,10 +23,11 @@
 
 namespace dancegrpo {
 
-at::Tensor group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& weights,
+at::Tensor group_advantages_cpu(const at::Tensor& rewards_in, const at::Tensor& weights_in,
                                 int64_t group_size, int64_t std_mode, bool unbiased, double eps,
                                 double clip, bool aggregate_reward, bool drop_nonfinite) {
-  check_advantage_args(rewards, weights, group_size, std_mode, eps, clip);
+  check_advantage_args(rewards_in, weights_in, group_size, std_mode, eps, clip);
+  const at::Tensor rewards = dense(rewards_in), weights = dense(weights_in);
   const int64_t batch = rewards.size(0);
   const int64_t k_in = rewards.size(1);
   const int64_t groups = batch / group_size;

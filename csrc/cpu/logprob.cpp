@@ -43,10 +43,13 @@ bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->define
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(
-    const at::Tensor& v, const at::Tensor& x, const at::Tensor& y,
-    const std::optional<at::Tensor>& v_ref, const at::Tensor& a, const at::Tensor& b,
-    const at::Tensor& std, bool sum) {
-  check_logprob_args("dancegrpo::logprob_fwd", "y", v, x, y, v_ref, a, b, std);
+    const at::Tensor& v_in, const at::Tensor& x_in, const at::Tensor& y_in,
+    const std::optional<at::Tensor>& v_ref_in, const at::Tensor& a_in, const at::Tensor& b_in,
+    const at::Tensor& std_in, bool sum) {
+  check_logprob_args("dancegrpo::logprob_fwd", "y", v_in, x_in, y_in, v_ref_in, a_in, b_in, std_in);
+  const at::Tensor v = dense(v_in), x = dense(x_in), y = dense(y_in);
+  const at::Tensor a = dense(a_in), b = dense(b_in), std = dense(std_in);
+  const std::optional<at::Tensor> v_ref = dense(v_ref_in);
   const bool with_ref = has(v_ref);
   const int64_t batch = v.size(0);
   const int64_t n = v.numel() / batch;
@@ -90,12 +93,15 @@ std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_bwd_cpu(
-    const at::Tensor& g_logp, const std::optional<at::Tensor>& g_msd, const at::Tensor& v,
-    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& v_ref,
-    const at::Tensor& a, const at::Tensor& b, const at::Tensor& std, bool sum, bool need_v,
+    const at::Tensor& g_logp_in, const std::optional<at::Tensor>& g_msd_in, const at::Tensor& v_in,
+    const at::Tensor& x_in, const at::Tensor& y_in, const std::optional<at::Tensor>& v_ref_in,
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& std_in, bool sum, bool need_v,
     bool need_x, bool need_y) {
-  check_logprob_args("dancegrpo::logprob_bwd", "y", v, x, y, v_ref, a, b, std);
-  check_logprob_grads(g_logp, g_msd, v_ref, v);
+  check_logprob_args("dancegrpo::logprob_bwd", "y", v_in, x_in, y_in, v_ref_in, a_in, b_in, std_in);
+  check_logprob_grads(g_logp_in, g_msd_in, v_ref_in, v_in);
+  const at::Tensor v = dense(v_in), x = dense(x_in), y = dense(y_in);
+  const at::Tensor a = dense(a_in), b = dense(b_in), std = dense(std_in), g_logp = dense(g_logp_in);
+  const std::optional<at::Tensor> v_ref = dense(v_ref_in), g_msd = dense(g_msd_in);
   const int64_t batch = v.size(0);
   const int64_t n = v.numel() / batch;
   const int64_t tiles = tiles_per_sample(n);
@@ -103,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_bwd_cpu(
   // The KL term only reaches gv, and only when the caller passed its upstream gradient.
   const bool with_msd = need_v && has(g_msd) && has(v_ref);
 
-  at::Tensor gv = need_v ? at::empty_like(v) : at::empty({0}, v.options());
-  at::Tensor gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor gy = need_y ? at::empty_like(y) : at::empty({0}, y.options());
+  at::Tensor gv = at::empty(need_v ? v.sizes() : at::IntArrayRef{0}, v.options());
+  at::Tensor gx = at::empty(need_x ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor gy = at::empty(need_y ? y.sizes() : at::IntArrayRef{0}, y.options());
   if (!need_v && !need_x && !need_y) return {gv, gx, gy};
 
   // Per-sample scale factors, in double then rounded once to fp32.

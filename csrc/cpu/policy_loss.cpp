@@ -26,11 +26,13 @@ bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->define
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> policy_loss_fwd_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& adv,
-    const std::optional<at::Tensor>& ref_logp, double clip_low, double clip_high, double beta,
+    const at::Tensor& logp_in, const at::Tensor& old_logp_in, const at::Tensor& adv_in,
+    const std::optional<at::Tensor>& ref_logp_in, double clip_low, double clip_high, double beta,
     int64_t reduction) {
-  check_policy_args("dancegrpo::policy_loss_fwd", logp, old_logp, adv, ref_logp, clip_low,
-                    clip_high, beta, reduction);
+  check_policy_args("dancegrpo::policy_loss_fwd", logp_in, old_logp_in, adv_in, ref_logp_in,
+                    clip_low, clip_high, beta, reduction);
+  const at::Tensor logp = dense(logp_in), old_logp = dense(old_logp_in), adv = dense(adv_in);
+  const std::optional<at::Tensor> ref_logp = dense(ref_logp_in);
   const int64_t batch = logp.size(0);
   const bool kl = has(ref_logp) && beta != 0.0;
   const float* pl = logp.data_ptr<float>();
@@ -69,13 +71,16 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_fwd_cpu(
   return {loss, stats};
 }
 
-at::Tensor policy_loss_bwd_cpu(const at::Tensor& g_loss, const at::Tensor& logp,
-                               const at::Tensor& old_logp, const at::Tensor& adv,
-                               const std::optional<at::Tensor>& ref_logp, double clip_low,
+at::Tensor policy_loss_bwd_cpu(const at::Tensor& g_loss_in, const at::Tensor& logp_in,
+                               const at::Tensor& old_logp_in, const at::Tensor& adv_in,
+                               const std::optional<at::Tensor>& ref_logp_in, double clip_low,
                                double clip_high, double beta, int64_t reduction) {
-  check_policy_args("dancegrpo::policy_loss_bwd", logp, old_logp, adv, ref_logp, clip_low,
-                    clip_high, beta, reduction);
-  check_policy_grad(g_loss, logp, reduction);
+  check_policy_args("dancegrpo::policy_loss_bwd", logp_in, old_logp_in, adv_in, ref_logp_in,
+                    clip_low, clip_high, beta, reduction);
+  check_policy_grad(g_loss_in, logp_in, reduction);
+  const at::Tensor logp = dense(logp_in), old_logp = dense(old_logp_in), adv = dense(adv_in);
+  const at::Tensor g_loss = dense(g_loss_in);
+  const std::optional<at::Tensor> ref_logp = dense(ref_logp_in);
   const int64_t batch = logp.size(0);
   const bool kl = has(ref_logp) && beta != 0.0;
   const float* pl = logp.data_ptr<float>();

@@ -38,15 +38,18 @@ inline void tile_step(const float* __restrict__ v, const float* __restrict__ x,
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sample_step_cpu(
-    const at::Tensor& v, const at::Tensor& x, const at::Tensor& noise, const at::Tensor& a,
-    const at::Tensor& b, const at::Tensor& std, bool sum) {
-  check_logprob_args("dancegrpo::sample_step", "noise", v, x, noise, std::nullopt, a, b, std);
+    const at::Tensor& v_in, const at::Tensor& x_in, const at::Tensor& noise_in, const at::Tensor& a_in,
+    const at::Tensor& b_in, const at::Tensor& std_in, bool sum) {
+  check_logprob_args("dancegrpo::sample_step", "noise", v_in, x_in, noise_in, std::nullopt, a_in,
+                     b_in, std_in);
+  const at::Tensor v = dense(v_in), x = dense(x_in), noise = dense(noise_in);
+  const at::Tensor a = dense(a_in), b = dense(b_in), std = dense(std_in);
   const int64_t batch = v.size(0);
   const int64_t n = v.numel() / batch;
   const int64_t tiles = tiles_per_sample(n);
   const int64_t jobs = batch * tiles;
 
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty(x.sizes(), x.options());
   std::vector<double> part_r2(jobs);
   const Src sv(v), sx(x), sn(noise), sy_in(y);
   const Dst dy(y);

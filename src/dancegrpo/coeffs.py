@@ -11,9 +11,12 @@ alpha-bars) into ``StepCoeffs`` so one log-prob kernel serves all of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .ops.validate import all_true
 
 __all__ = ["StepCoeffs", "flow_sde_coeffs", "ddim_coeffs", "flow_schedule"]
 
@@ -34,8 +37,9 @@ def _as_f64(value, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
 
-def _eager() -> bool:
-    return not torch.compiler.is_compiling()
+def _got(**named) -> Callable[[], str]:
+    """The values named in an error message; only called when a host-side check fails."""
+    return lambda: ", got " + " ".join(f"{k}={v.tolist()}" for k, v in named.items())
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class StepCoeffs:
     element; ``"mse"`` Flow-GRPO's CPS surrogate ``-(y - mean)^2`` per element (no 1/(2 std^2),
     no log std, no log sqrt(2 pi)), with which the same clip range trains differently.
     Either is averaged (or summed) over a sample's elements.
+
+    Values (finite, ``std >= 0``) are checked on the host when the tensors live on the CPU
+    (free), and with ``torch._assert_async`` on an accelerator or inside ``torch.compile``, so
+    building coefficients on a GPU never waits for it (see ``ops.validate.all_true``).
     """
 
     a: torch.Tensor
@@ -78,15 +86,13 @@ class StepCoeffs:
             raise ValueError(f"StepCoeffs tensors must share one device, got {sorted(map(str, devices))}")
         for name, t in fields.items():
             object.__setattr__(self, name, t)
-        # Value checks sync once here (eager only) so the ops never have to.
-        min_std = None
-        if _eager():
-            for name, t in fields.items():
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"StepCoeffs.{name} must be finite, got {t.tolist()}")
-            min_std = float(fields["std"].min()) if fields["std"].numel() else 0.0
-            if min_std < 0:
-                raise ValueError(f"StepCoeffs.std must be >= 0, got {fields['std'].tolist()}")
+        for name, t in fields.items():
+            all_true(torch.isfinite(t), f"StepCoeffs.{name} must be finite", got=_got(**{name: t}))
+        std = fields["std"]
+        all_true(std >= 0, "StepCoeffs.std must be >= 0", got=_got(std=std))
+        # On the CPU the smallest std is read once here, so the ops check it for free.
+        host = std.device.type == "cpu" and not torch.compiler.is_compiling()
+        min_std = (float(std.min()) if std.numel() else 0.0) if host else None
         object.__setattr__(self, "_min_std", min_std)
 
     @property
@@ -107,11 +113,11 @@ class StepCoeffs:
         return tuple(out)
 
     def check_positive_std(self, op: str) -> None:
-        if self._min_std is not None and self._min_std <= 0:
-            raise ValueError(
-                f"{op}: coeffs.std must be > 0 for a log-probability (got min std {self._min_std}); "
-                "an ODE step (eta = 0) has no log-prob"
-            )
+        message = f"{op}: coeffs.std must be > 0 for a log-probability; an ODE step (eta = 0) has no log-prob"
+        if self._min_std is None:  # device values: an assert queued on the device, no sync
+            torch._assert_async((self.std > 0).all(), message)
+        elif self._min_std <= 0:
+            raise ValueError(f"{message} (got min std {self._min_std})")
 
     def to(self, device) -> StepCoeffs:
         return StepCoeffs(self.a.to(device), self.b.to(device), self.std.to(device), self.logprob)
@@ -148,13 +154,10 @@ def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max
     s = _as_f64(sigma, "sigma")
     sn = _as_f64(sigma_next, "sigma_next")
     e = _as_f64(eta, "eta")
-    if _eager():
-        if not bool(((s > 0) & (s <= 1)).all()):
-            raise ValueError(f"sigma must lie in (0, 1], got {s.tolist()}")
-        if not bool(((sn >= 0) & (sn < s)).all()):
-            raise ValueError(f"sigma_next must lie in [0, sigma), got sigma_next={sn.tolist()} sigma={s.tolist()}")
-        if not bool((e >= 0).all()):
-            raise ValueError(f"eta must be >= 0, got {e.tolist()}")
+    # Checked on the host for CPU values, asserted on the device otherwise (no sync).
+    all_true((s > 0) & (s <= 1), "sigma must lie in (0, 1]", got=_got(sigma=s))
+    all_true((sn >= 0) & (sn < s), "sigma_next must lie in [0, sigma)", got=_got(sigma_next=sn, sigma=s))
+    all_true(e >= 0, "eta must be >= 0", got=_got(eta=e))
     d = sn - s
     if variant == "cps":
         std = sn * torch.sin(e * math.pi / 2)
@@ -164,17 +167,16 @@ def flow_sde_coeffs(sigma, sigma_next, eta, *, variant: str = "dance", sigma_max
         b = -(1 - sn) * s + c * (1 - s)
         return StepCoeffs(a.float(), b.float(), std.float(), logprob)
     if variant == "dance":
-        g = e.expand_as(s) if e.dim() < s.dim() else e
+        g = e  # broadcasts; a 0-d eta from a float stays a CPU scalar, which any device accepts
     else:
         at_one = s >= 1
-        if _eager() and bool(at_one.any()) and sigma_max is None:
-            raise ValueError(
-                "variant='flow_grpo' at sigma == 1 needs sigma_max (the schedule's next sigma, "
-                "used in the denominator of sqrt(sigma / (1 - sigma)))"
-            )
-        denom_sigma = torch.where(at_one, _as_f64(sigma_max if sigma_max is not None else 0.0, "sigma_max"), s)
-        if _eager() and not bool((denom_sigma < 1).all()):
-            raise ValueError(f"sigma_max must be < 1, got {sigma_max}")
+        if sigma_max is None:
+            all_true(~at_one, "variant='flow_grpo' at sigma == 1 needs sigma_max (the schedule's next "
+                     "sigma, used in the denominator of sqrt(sigma / (1 - sigma)))")
+            denom_sigma = s
+        else:
+            denom_sigma = torch.where(at_one, _as_f64(sigma_max, "sigma_max"), s)
+            all_true(denom_sigma < 1, "sigma_max must be < 1", got=lambda: f", got {sigma_max}")
         g = e * torch.sqrt(s / (1 - denom_sigma))
     a = 1 + g * g * d / (2 * s)
     b = d * (1 + g * g * (1 - s) / (2 * s))
@@ -193,15 +195,11 @@ def ddim_coeffs(alpha_bar, alpha_bar_prev, eta) -> StepCoeffs:
     ab = _as_f64(alpha_bar, "alpha_bar")
     abp = _as_f64(alpha_bar_prev, "alpha_bar_prev")
     e = _as_f64(eta, "eta")
-    if _eager():
-        if not bool(((ab > 0) & (ab < 1)).all()):
-            raise ValueError(f"alpha_bar must lie in (0, 1), got {ab.tolist()}")
-        if not bool(((abp > 0) & (abp <= 1)).all()):
-            raise ValueError(f"alpha_bar_prev must lie in (0, 1], got {abp.tolist()}")
-        if not bool((abp >= ab).all()):
-            raise ValueError("alpha_bar_prev must be >= alpha_bar (a step goes towards the data)")
-        if not bool((e >= 0).all()):
-            raise ValueError(f"eta must be >= 0, got {e.tolist()}")
+    all_true((ab > 0) & (ab < 1), "alpha_bar must lie in (0, 1)", got=_got(alpha_bar=ab))
+    all_true((abp > 0) & (abp <= 1), "alpha_bar_prev must lie in (0, 1]", got=_got(alpha_bar_prev=abp))
+    all_true(abp >= ab, "alpha_bar_prev must be >= alpha_bar (a step goes towards the data)",
+             got=_got(alpha_bar_prev=abp, alpha_bar=ab))
+    all_true(e >= 0, "eta must be >= 0", got=_got(eta=e))
     var = (1 - abp) / (1 - ab) * (1 - ab / abp)
     std = e * torch.sqrt(torch.clamp(var, min=0.0))
     a = torch.sqrt(abp / ab)

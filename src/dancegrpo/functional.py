@@ -27,6 +27,7 @@ def _coeffs(op: str, coeffs, batch: int, device) -> tuple[torch.Tensor, torch.Te
 
 
 def _contig(*ts):
+    # The ops accept any strides; one copy here is what autograd saves, so backward copies nothing.
     return tuple(None if t is None else t.contiguous() for t in ts)
 
 
@@ -81,6 +82,11 @@ def sample_step(model_output, latents, coeffs, *, noise=None, generator=None, re
     The noise always has the step's std; logp follows ``coeffs.logprob`` (with ``"mse"`` it is
     computed by a second pass over the stored sample, exactly as ``step_logprob`` computes it).
     For the deterministic step (std = 0) use :func:`ode_step`.
+
+    Under ``torch.compile`` a ``generator`` cannot enter the graph (dynamo does not trace
+    ``torch.Generator`` arguments): with ``fullgraph=True`` that call raises saying so, otherwise
+    it runs eagerly after a graph break. Pass ``noise`` drawn outside the compiled region, or
+    ``generator=None`` (the global RNG, which traces), to keep the step in the graph.
     """
     op = "sample_step"
     check.choice(op, "reduction", reduction, ("mean", "sum"))
@@ -90,6 +96,9 @@ def sample_step(model_output, latents, coeffs, *, noise=None, generator=None, re
         raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
     if generator is not None and noise is not None:
         raise ValueError(f"{op}: pass noise or generator, not both")
+    if generator is not None and torch.compiler.is_compiling():
+        raise ValueError(f"{op}: generator= does not trace under torch.compile (a torch.Generator cannot "
+                         "enter the graph); pass noise= drawn outside the compiled region, or generator=None")
     impl = select_backend(op, backend, (model_output, latents, noise))
     v, x, n = _contig(model_output, latents, noise)
     with torch.no_grad():
@@ -161,7 +170,9 @@ def group_advantages(rewards, group_size=None, *, group_ids=None, weights=None, 
     batch-wide std), ``"none"`` (Dr.GRPO). aggregate: ``"advantage"`` sums the weighted
     per-reward advantages, ``"reward"`` normalises the weighted reward sum (MixGRPO).
     nan_policy ``"drop"``: a sample with a non-finite reward gets advantage 0 and is left out of
-    its group's statistics; ``"raise"`` (default) raises. A constant group gives exactly 0.
+    its group's statistics; ``"raise"`` (default) raises a ValueError naming the samples (under
+    ``torch.compile`` the check is an assert inside the graph instead: a RuntimeError on the CPU,
+    a device-side assert on a GPU). A constant group gives exactly 0.
     Returns (B,) fp32 (fp64 for fp64 rewards), detached.
 
     Equivalent PyTorch (one reward, std="group")::
@@ -196,14 +207,13 @@ def group_advantages(rewards, group_size=None, *, group_ids=None, weights=None, 
         w = torch.as_tensor(weights, dtype=dtype).to(r.device).reshape(-1)
         if w.numel() != k:
             raise ValueError(f"{op}: weights has {w.numel()} values but rewards has K={k} columns")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"{op}: weights must be finite, got {w.tolist()}")
+        check.all_true(torch.isfinite(w), f"{op}: weights must be finite", got=lambda: f", got {w.tolist()}", sync=True)
     r = r.to(dtype).contiguous()
-    finite = torch.isfinite(r).all(1)
-    if nan_policy == "raise" and not bool(finite.all()):
-        bad = (~finite).nonzero().flatten().tolist()
-        raise ValueError(f"{op}: rewards has non-finite values at samples {bad[:10]}; pass "
-                         "nan_policy='drop' to give them advantage 0 and leave them out of the statistics")
+    if nan_policy == "raise":
+        finite = torch.isfinite(r).all(1)
+        check.all_true(finite, f"{op}: rewards has non-finite values; pass nan_policy='drop' to give them "
+                       "advantage 0 and leave them out of the statistics",
+                       got=lambda: f" (samples {(~finite).nonzero().flatten().tolist()[:10]})", sync=True)
     impl = select_backend(op, backend, (r,))  # also for group_ids: a bad or unavailable backend still says so
     if ids is not None:
         return ref.group_advantages_by_ids_ref(r, w, ids, std=std, unbiased=unbiased, eps=eps, clip=clip,

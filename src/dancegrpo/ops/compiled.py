@@ -31,9 +31,11 @@ with a fake/meta kernel so ``torch.compile`` traces through them:
     policy_loss_bwd(Tensor g_loss, Tensor logp, Tensor old_logp, Tensor adv, Tensor? ref_logp,
                 float clip_low, float clip_high, float beta, int reduction) -> Tensor g_logp
 
-All per-sample scalars (a, b, std, logp...) are contiguous fp32 (B,) tensors; the big
-tensors are contiguous (the functional layer makes them so). Per-step scalars are runtime
-values, so changing sigma or a clip range never recompiles anything.
+All per-sample scalars (a, b, std, logp...) are fp32 (B,) tensors. Every op accepts inputs of
+any strides (a strided input is copied once inside the op) and returns contiguous outputs, in
+its real and its fake/meta kernel alike: inductor enforces a custom op's eager input strides
+only in forward graphs and may hand a backward op saved tensors in a layout of its choosing.
+Per-step scalars are runtime values, so changing sigma or a clip range never recompiles anything.
 """
 
 from __future__ import annotations
@@ -56,9 +58,8 @@ def register_autograd(namespace: str) -> None:
     def logprob_backward(ctx, g_logp, g_msd):
         v, x, y, v_ref, a, b, std = ctx.saved_tensors
         need_v, need_x, need_y = ctx.needs_input_grad[:3]
-        gm = g_msd.contiguous() if v_ref is not None else None
-        gv, gx, gy = ops.logprob_bwd(g_logp.contiguous(), gm, v, x, y, v_ref, a, b, std, ctx.sum,
-                                     need_v, need_x, need_y)
+        gm = g_msd if v_ref is not None else None
+        gv, gx, gy = ops.logprob_bwd(g_logp, gm, v, x, y, v_ref, a, b, std, ctx.sum, need_v, need_x, need_y)
         return (gv if need_v else None, gx if need_x else None, gy if need_y else None,
                 None, None, None, None, None)
 
@@ -71,7 +72,7 @@ def register_autograd(namespace: str) -> None:
 
     def loss_backward(ctx, g_loss, g_stats):
         logp, old, adv, ref = ctx.saved_tensors
-        g = ops.policy_loss_bwd(g_loss.contiguous(), logp, old, adv, ref, *ctx.args)
+        g = ops.policy_loss_bwd(g_loss, logp, old, adv, ref, *ctx.args)
         return g, None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"{namespace}::policy_loss_fwd", loss_backward, setup_context=loss_setup)

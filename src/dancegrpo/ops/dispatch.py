@@ -5,7 +5,9 @@ A backend declares what it supports and answers ``not_supported_reasons(op, tens
 no reasons; if none fits it raises with every backend's reasons. An explicitly requested
 backend that cannot run raises. ``DANCEGRPO_BACKEND`` replaces ``"auto"`` by a name.
 
-Backends are imported lazily: choosing one is the first time its extension or Triton loads.
+Backends are imported lazily: choosing one is the first time its extension or Triton loads,
+also when that first time is inside a ``torch.compile`` trace (see trace_load.py), so no op
+needs an eager call before compiling.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ _loaded: dict[str, Backend] = {}
 class Backend:
     """What every backend declares. Subclasses implement the raw ops named in ``OPS``.
 
-    Raw-op contract (all per-sample scalars are contiguous fp32 (B,) tensors on the data's
-    device; big tensors are contiguous, shape (B, ...), any of fp32/bf16/fp16):
+    Raw-op contract (all per-sample scalars are fp32 (B,) tensors on the data's device; big
+    tensors have shape (B, ...), any strides, any of fp32/bf16/fp16):
 
     * ``step_logprob(v, x, y, v_ref, a, b, std, reduction) -> (logp, msd)``: differentiable in
       v, x, y. logp (B,) fp32; msd = mean((v - v_ref)^2) (B,) fp32, or None without v_ref.
@@ -96,6 +98,10 @@ def select_backend(op: str, backend: str, tensors: Sequence[torch.Tensor | None]
     """The backend that runs ``op`` on ``tensors``: explicit (raises if it cannot) or auto."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if torch.compiler.is_compiling():
+        from .trace_load import load_backends  # the import itself runs for real under dynamo
+
+        load_backends()
     if backend == "auto":
         backend = os.environ.get("DANCEGRPO_BACKEND", "auto") or "auto"
     if backend != "auto":

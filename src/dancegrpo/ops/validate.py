@@ -1,8 +1,8 @@
 """Argument checks shared by the public functions: errors name the argument and what was expected.
 
-Only metadata is inspected here (shape, dtype, device), never values, so no check syncs a GPU
-or breaks a ``torch.compile`` graph; value checks on the coefficients happen once, eagerly,
-when ``StepCoeffs`` is built.
+Metadata checks (shape, dtype, device) never read values, so they never sync a GPU or break a
+``torch.compile`` graph. The few value checks go through ``all_true``: on the host when that is
+free or when the caller asked for it, as an assert in the graph (or on the device) otherwise.
 """
 
 from __future__ import annotations
@@ -69,3 +69,19 @@ def nonneg_float(op: str, name: str, value, *, positive: bool = False) -> float:
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{op}: {name} must be {'> 0' if positive else '>= 0'}, got {value}")
     return value
+
+
+def all_true(ok: torch.Tensor, message: str, *, got=None, sync: bool = False) -> None:
+    """Raise ``ValueError(message + got())`` unless every element of the bool tensor ``ok`` is true.
+
+    On the CPU (or anywhere with ``sync=True``) the value is read on the host and the error
+    names the offending values (``got``: a callable, run only on failure). On an accelerator,
+    and inside ``torch.compile`` where reading a value would break the graph, it queues
+    ``torch._assert_async(ok, message)`` instead: no sync and no graph break; that raises a
+    RuntimeError with the message on the CPU and is a device-side assert on a GPU.
+    """
+    if not torch.compiler.is_compiling() and (sync or ok.device.type == "cpu"):
+        if not bool(ok.all()):
+            raise ValueError(message + (got() if got is not None else ""))
+    else:
+        torch._assert_async(ok.all(), message)
