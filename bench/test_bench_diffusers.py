@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dancegrpo.models.registry import build_model
+from dancegrpo.registry import build_model
 from dancegrpo.samplers import build_sampler
 from dancegrpo.trainer.prompts import TextPrompt
 from dancegrpo.trainer.rollout import collect_rollout
@@ -25,7 +25,7 @@ from diffusers_fixtures import MODEL, PROMPTS, load_pipeline, tiny_pipeline  # n
 STEPS, GROUP, SIZE = 8, 2, 32
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3", "sd"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "sd", "qwen_image"])
 def family(request):
     return request.param
 
@@ -48,6 +48,10 @@ def test_rollout_vs_pipeline(benchmark, family, folder, impl):
                     num_images_per_prompt=GROUP, output_type="pt")
         if "max_sequence_length" in kwargs:
             call["max_sequence_length"] = kwargs["max_sequence_length"]
+        if family == "qwen_image":  # true CFG: the scale is true_cfg_scale, on with a negative prompt;
+            # num_images_per_prompt > 1 fails in QwenImagePipeline (diffusers 0.42): repeat the prompts
+            call.update(true_cfg_scale=call.pop("guidance_scale"), negative_prompt=" ", num_images_per_prompt=1)
+            prompts = [p for p in prompts for _ in range(GROUP)]
 
         def run():
             with torch.no_grad():
@@ -63,4 +67,4 @@ def test_rollout_vs_pipeline(benchmark, family, folder, impl):
             return collect_rollout(model, sampler, items, GROUP, mask, torch.Generator().manual_seed(0),
                                    device="cpu", share_noise=False, decode="final").samples
     out = benchmark.pedantic(run, rounds=10, warmup_rounds=2)
-    assert out.shape == (len(prompts) * GROUP, 3, SIZE, SIZE)
+    assert out.shape == (2 * GROUP, 3, SIZE, SIZE)  # 2 prompts x GROUP samples

@@ -1,4 +1,5 @@
-"""Tiny random-init diffusers pipelines of the real classes (FLUX, SD3, SD 1.x), built offline.
+"""Tiny random-init diffusers pipelines of the real classes (FLUX, SD3, SD 1.x, Qwen-Image), built
+offline.
 
 Each builder writes a complete pipeline folder with ``save_pretrained`` (tokenizers made here
 from a few-letter vocabulary with the ``tokenizers`` backend; no hub access), so tests load it
@@ -36,6 +37,38 @@ def t5_tokenizer(max_length: int = 512):
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(c, -3.0) for c in LETTERS] + [("\u2581" + c, -3.5) for c in LETTERS]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+# QwenImagePipeline's prompt template (its encoder drops the first 34 tokens: the system part)
+QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                 "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                 "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def qwen_tokenizer(words=()):
+    """Byte-level BPE (Qwen2's pre-tokenizer) whose merges make whole words of the Qwen-Image
+    prompt template (and most words of ``PROMPTS``): the template's system part is 34 tokens, as
+    with the real tokenizer, so the pipeline's fixed drop of 34 tokens keeps exactly the prompt."""
+    import regex
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    byte = bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(byte.values())}
+    merges = []
+    lines = [*PROMPTS, *words]  # each word at a line's start (no space before it) and inside one
+    text = "\n".join([QWEN_TEMPLATE.replace("<|im_start|>", "\n").replace("<|im_end|>", "\n"), *lines, " ".join(lines)])
+    for piece in regex.findall(PRETOKENIZE_REGEX, text):
+        chars = [byte[b] for b in piece.encode()]
+        for i in range(1, len(chars)):
+            left, right = "".join(chars[:i]), chars[i]
+            if left + right not in vocab:
+                vocab[left + right] = len(vocab)
+                merges.append((left, right))
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 
 
 def _clip(hidden: int, projection: int | None = None, seed: int = 0):
@@ -126,8 +159,50 @@ def build_sd(path, prediction_type: str = "epsilon") -> Path:
     return Path(path)
 
 
+def build_qwen_image(path) -> Path:
+    """Qwen-Image layout: Qwen2.5-VL text encoder (its last hidden state, template tokens
+    dropped), a 3D causal VAE (scale factor 4 here) with per-channel latent statistics, 2 MM-DiT
+    blocks on 2x2-packed latents, Qwen-Image's dynamic-shift scheduler with a terminal shift.
+    16x16 pixels -> (4, 4, 4) latents -> 4 packed tokens."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = qwen_tokenizer(["blurry"])
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                 latents_std=[1.5, 2.0, 0.8, 1.2])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    torch.manual_seed(0)
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": len(tokenizer) + 3,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}}
+    vision = {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=16, vocab_size=len(tokenizer) + 3,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), vision_start_token_id=len(tokenizer),
+                              vision_end_token_id=len(tokenizer) + 1, vision_token_id=len(tokenizer) + 2)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
 BUILDERS = {"flux": build_flux, "sd3": build_sd3, "sd": build_sd,
-            "sd_v": lambda p: build_sd(p, prediction_type="v_prediction")}
+            "sd_v": lambda p: build_sd(p, prediction_type="v_prediction"), "qwen_image": build_qwen_image}
 
 
 def tiny_pipeline(family: str, tmp_path_factory) -> Path:
@@ -146,19 +221,26 @@ def prompt_file(directory, prompts=PROMPTS) -> Path:
 
 # --------------------------------------------------------------------------- running the real pipelines
 
-# Adapter kwargs per tiny family (16x16 pixels; guidance > 1 so SD / SD3 run real CFG).
+# Adapter kwargs per tiny family (16x16 pixels; guidance > 1 so SD / SD3 / Qwen-Image run real CFG).
 MODEL = {
     "flux": ("flux", dict(height=16, width=16, max_sequence_length=16, guidance_scale=3.5)),
     "sd3": ("sd3", dict(height=16, width=16, max_sequence_length=16, guidance_scale=4.5)),
     "sd": ("sd", dict(height=16, width=16, guidance_scale=5.0)),
     "sd_v": ("sd", dict(height=16, width=16, guidance_scale=5.0)),
+    "qwen_image": ("qwen_image", dict(height=16, width=16, max_sequence_length=16, guidance_scale=4.0)),
 }
 
 
 def load_pipeline(family: str, folder):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import (
+        FluxPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+    )
 
-    cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}.get(family, StableDiffusionPipeline)
+    cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "qwen_image": QwenImagePipeline}.get(
+        family, StableDiffusionPipeline)
     pipe = cls.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -176,6 +258,13 @@ def run_pipeline(family: str, pipe, prompts, x0: torch.Tensor, steps: int, **ove
 
         out = pipe(latents=pack(x0), max_sequence_length=kw["max_sequence_length"], **call).images
         return unpack(out, *x0.shape[-2:])
+    if family == "qwen_image":  # its CFG scale is true_cfg_scale, on only with a negative prompt
+        from dancegrpo.models.diffusers.flux import pack, unpack
+
+        call["true_cfg_scale"] = call.pop("guidance_scale")
+        out = pipe(latents=pack(x0), max_sequence_length=kw["max_sequence_length"],
+                   negative_prompt=kw.get("negative_prompt", " "), **call).images
+        return unpack(out, *x0.shape[-2:])
     if family == "sd3":
         return pipe(latents=x0, max_sequence_length=kw["max_sequence_length"],
                     negative_prompt=kw.get("negative_prompt"), **call).images
@@ -186,7 +275,7 @@ def run_pipeline(family: str, pipe, prompts, x0: torch.Tensor, steps: int, **ove
 
 # The papers' samplers: DanceGRPO on FLUX, Flow-GRPO on SD3.5, DDIM with noise on SD.
 SAMPLER = {"flux": {"eta": 0.3, "variant": "dance"}, "sd3": {"eta": 0.7, "variant": "flow_grpo"},
-           "sd": {"eta": 1.0}}
+           "sd": {"eta": 1.0}, "qwen_image": {"eta": 0.3, "variant": "dance"}}
 
 
 def train_config(family: str, folder, out, prompts_path, **top) -> dict:

@@ -1,4 +1,4 @@
-"""The diffusers adapters (flux, sd3, sd) on tiny random-init pipelines of the real classes.
+"""The diffusers adapters (flux, sd3, sd, qwen_image) on tiny random-init pipelines of the real classes.
 
 Every family: pipeline parity of the deterministic sampler (CFG included), importance ratio 1
 at the first update (with / without LoRA and activation checkpointing), GRPO steps through the
@@ -35,7 +35,7 @@ from dancegrpo.trainer.policy import load_trained_policy
 from dancegrpo.trainer.prompts import TextPrompt
 from dancegrpo.trainer.rollout import collect_rollout
 
-FAMILIES = ["flux", "sd3", "sd"]
+FAMILIES = ["flux", "sd3", "sd", "qwen_image"]
 STEPS = 4
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
 
@@ -180,14 +180,17 @@ def test_activation_checkpointing_lowers_saved_activations(family, folder):
         model.zero_grad(set_to_none=True)
         nbytes, out = _saved_activation_bytes(model, x, t, cond)
         out.square().mean().backward()
-        grads = [p.grad.clone() for p in model.parameters()]
+        # None: a parameter outside the output's graph (Qwen-Image's last block drops its text stream)
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
         results[mode] = (nbytes, out.detach(), grads)
     assert results["none"][0] > results["selective"][0] > results["full"][0] > 0, \
         {k: v[0] for k, v in results.items()}
     for mode in ("selective", "full"):  # recomputation changes nothing
         torch.testing.assert_close(results[mode][1], results["none"][1], rtol=0, atol=0)
         for a, b in zip(results[mode][2], results["none"][2], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     model.eval()
     with torch.no_grad():  # eval / no-grad forwards are never recomputed
         assert torch.equal(model.predict(x, t, cond), results["none"][1])

@@ -75,6 +75,7 @@ MODELS = LazyRegistry("model", {
     "flux": "dancegrpo.models.diffusers.flux:build_flux",
     "sd3": "dancegrpo.models.diffusers.sd3:build_sd3",
     "sd": "dancegrpo.models.diffusers.sd:build_sd",
+    "qwen_image": "dancegrpo.models.diffusers.qwen_image:build_qwen_image",
 })
 
 REWARDS = LazyRegistry("reward", {

@@ -249,7 +249,7 @@ def build_sampler(kind: str, model=None, *, num_steps: int, eta: float, shift: f
     if kind == "scheduler":
         if not callable(getattr(model, "scheduler_sampler", None)):
             raise ValueError(f"sampler kind 'scheduler' needs a model with its own scheduler (diffusers models: "
-                             f"sd, sd3, flux); {type(model).__name__} has none: use kind 'flow' or 'ddim'")
+                             f"sd, sd3, flux, qwen_image); {type(model).__name__} has none: use kind 'flow' or 'ddim'")
         return model.scheduler_sampler(num_steps, eta=eta, variant=variant)
     if kind == "auto":
         if prediction not in ("velocity", "epsilon"):

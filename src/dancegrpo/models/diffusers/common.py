@@ -224,16 +224,19 @@ class DiffusersAdapter(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [0, 1], fp32, decoded ``decode_batch_size`` samples at a time."""
-        vae = self.frozen.vae
-        self._follow(vae)
-        scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+        self._follow(self.frozen.vae)
         outs = []
         with torch.no_grad():
             for chunk in latents.split(self.decode_batch_size):
-                z = chunk.to(self.device, self.weight_dtype) / scale + shift
-                img = vae.decode(z, return_dict=False)[0]
+                img = self._vae_decode(chunk.to(self.device, self.weight_dtype))
                 outs.append((img.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(outs)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] of sampler-space latents (undo the VAE's latent scaling and shift)."""
+        vae = self.frozen.vae
+        scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents / scale + shift, return_dict=False)[0]
 
     # ------------------------------------------------------------------ classifier-free guidance
     @property
