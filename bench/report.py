@@ -49,8 +49,10 @@ def _ms(seconds: float) -> str:
 def summary(rows: list[dict], missing: dict[str, list[str]]) -> list[str]:
     """The table: median ms per backend and its speedup over eager (``x``), fastest marked ``*``."""
     groups: dict[str, dict[str, float]] = {}
+    others: dict[str, dict[str, float]] = {}  # comparisons that are not backends of one op
     for r in rows:
-        groups.setdefault(r["group"], {})[r["backend"]] = r["median_s"]
+        into = groups if r["backend"] in COLUMNS else others
+        into.setdefault(r["group"], {})[r["backend"]] = r["median_s"]
     width = max([len(g) for g in groups] + [len("op-mode-shape")])
     head = f"{'op-mode-shape':<{width}}" + "".join(f"  {HEADINGS[c]:>16}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
@@ -69,6 +71,11 @@ def summary(rows: list[dict], missing: dict[str, list[str]]) -> list[str]:
         lines.append(f"{group:<{width}}" + "".join(cells))
     lines.append("median ms per call; (Nx) = speedup over eager PyTorch; * = fastest; "
                  "- = not measured for this op")
+    for group in sorted(others):  # e.g. a diffusers pipeline's own loop against our adapter
+        times = others[group]
+        first = next(iter(times.values()))
+        cells = [f"{name} {_ms(t)}" + ("" if t is first else f" ({t / first:.2f}x)") for name, t in times.items()]
+        lines.append(f"{group}: " + ", ".join(cells) + " (median ms; (Nx) = time relative to the first)")
     return lines
 
 

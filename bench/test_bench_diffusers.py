@@ -42,6 +42,7 @@ def test_rollout_vs_pipeline(benchmark, family, folder, impl):
     kwargs = {**kwargs, "height": SIZE, "width": SIZE}
     prompts = PROMPTS[:2]
     benchmark.group = f"rollout-{family}"
+    benchmark.extra_info["backend"] = impl
     if impl == "pipeline":
         pipe = load_pipeline(family, folder)
         call = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=kwargs["guidance_scale"],

@@ -51,3 +51,12 @@ def test_results_path_and_json(tmp_path):
     assert back["results"] == ROWS and back["shapes"] == {"image": [8, 16, 128, 128]}
     assert back["torch"] and back["threads"] >= 1 and back["date"] and back["device_name"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [Path(full).name]  # no temporary left
+
+
+def test_comparisons_that_are_not_backends_get_their_own_line():
+    rows = ROWS + [{"group": "rollout-flux", "backend": "pipeline", "median_s": 0.040},
+                   {"group": "rollout-flux", "backend": "adapter_ode", "median_s": 0.038}]
+    lines = report.summary(rows, missing={})
+    assert not [ln for ln in lines if ln.startswith("rollout-flux ")]  # not squeezed into the backend columns
+    (line,) = [ln for ln in lines if ln.startswith("rollout-flux:")]
+    assert "pipeline 40, adapter_ode 38 (0.95x)" in line
