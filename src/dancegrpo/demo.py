@@ -48,7 +48,6 @@ def main(argv=None) -> int:
     from .trainer import Trainer, load_config
     from .trainer.images import save_grid
     from .trainer.policy import build_policy, build_run_dataset, resolve_device
-    from .trainer.scoring import build_rewards
 
     t_start = time.time()
     out = Path(args.out)
@@ -66,7 +65,6 @@ def main(argv=None) -> int:
         print(opscheck.format_table(opscheck.run(opscheck.VIDEO_LATENT), opscheck.VIDEO_LATENT), flush=True)
     torch.manual_seed(cfg.seed)
     items = build_run_dataset(cfg, cfg.data.eval_split).fixed(cfg.eval.num_prompts)
-    rewards = build_rewards(cfg.rewards)
 
     print(f"\n== 2. base model on {len(items)} held-out prompts ==", flush=True)
     base = build_policy(cfg, device)
