@@ -310,12 +310,13 @@ def train_config(family: str, folder, out, prompts_path, **top) -> dict:
 
 WAN_MODEL = {
     "wan": ("wan", dict(height=32, width=32, num_frames=5, max_sequence_length=16, guidance_scale=5.0)),
-    "wan_i2v": ("wan_i2v", dict(height=32, width=32, num_frames=5, max_sequence_length=16, guidance_scale=5.0)),
+    # Wan 2.1 I2V's image keys and values (added_kv_proj_dim) split the image tokens off a 512-token text
+    "wan_i2v": ("wan_i2v", dict(height=32, width=32, num_frames=5, max_sequence_length=512, guidance_scale=5.0)),
 }
 WAN_SAMPLER = {"eta": 0.3, "variant": "dance"}
 
 
-def _wan_parts(in_channels: int, image_dim: int | None):
+def _wan_parts(in_channels: int, image_dim: int | None, added_kv_proj_dim: int | None = None):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -330,7 +331,8 @@ def _wan_parts(in_channels: int, image_dim: int | None):
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                         in_channels=in_channels, out_channels=16, text_dim=32, freq_dim=256,
                                         ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim)
+                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim,
+                                        added_kv_proj_dim=added_kv_proj_dim)
     return dict(vae=vae, text_encoder=text, tokenizer=t5_tokenizer(), transformer=transformer,
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
@@ -345,11 +347,12 @@ def build_wan(path) -> Path:
 
 def build_wan_i2v(path) -> Path:
     """Wan 2.1 I2V layout: as T2V plus a CLIP vision encoder (8x8 images, 65 tokens) and a
-    transformer taking 16 noise + 4 mask + 16 first-frame channels."""
+    transformer taking 16 noise + 4 mask + 16 first-frame channels, with its own keys and values
+    for the image tokens (as Wan 2.1 I2V)."""
     from diffusers import WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    parts = _wan_parts(36, 4)
+    parts = _wan_parts(36, 4, added_kv_proj_dim=24)
     torch.manual_seed(0)
     encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2,
                                                num_attention_heads=2, image_size=8, intermediate_size=16,
