@@ -238,6 +238,9 @@ def test_user_mistakes_are_one_line(family, folder, tmp_path, capsys):
         _model(family, folder, height=24)
     with pytest.raises(FileNotFoundError, match="model.kwargs.path"):
         _model(family, tmp_path / "missing")
+    with pytest.raises(ValueError, match="model.kwargs.vae_tiling must be true or false"):
+        _model(family, folder, vae_tiling="yes")
+    assert _model(family, folder, vae_tiling=True).frozen.vae.use_tiling
     other = "wan" if family == "wan_i2v" else "wan_i2v"
     with pytest.raises(ValueError, match=f"model.name: {family}"):  # the other family's folder
         build_model(other, path=str(folder), **WAN_MODEL[other][1])
