@@ -301,3 +301,146 @@ def train_config(family: str, folder, out, prompts_path, **top) -> dict:
             node = node.setdefault(p, {})
         node[last] = value
     return cfg
+
+
+# =========================================================================== Wan (wan, wan_i2v)
+# Self-contained block: tiny Wan 2.1 pipelines (T2V and I2V with its CLIP image encoder), the
+# adapter kwargs and a runner of the real pipelines. 32x32 pixels x 5 frames -> (16, 2, 4, 4)
+# latents (the VAE's 8x spatial, 4x temporal factors) -> 8 tokens of 1x2x2 patches.
+
+WAN_MODEL = {
+    "wan": ("wan", dict(height=32, width=32, num_frames=5, max_sequence_length=16, guidance_scale=5.0)),
+    # Wan 2.1 I2V's image keys and values (added_kv_proj_dim) split the image tokens off a 512-token text
+    "wan_i2v": ("wan_i2v", dict(height=32, width=32, num_frames=5, max_sequence_length=512, guidance_scale=5.0)),
+}
+WAN_SAMPLER = {"eta": 0.3, "variant": "dance"}
+
+
+def _wan_parts(in_channels: int, image_dim: int | None, added_kv_proj_dim: int | None = None):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(0)
+    text = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                       decoder_start_token_id=0))
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=in_channels, out_channels=16, text_dim=32, freq_dim=256,
+                                        ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim,
+                                        added_kv_proj_dim=added_kv_proj_dim)
+    return dict(vae=vae, text_encoder=text, tokenizer=t5_tokenizer(), transformer=transformer,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def build_wan(path) -> Path:
+    """Wan 2.1 T2V layout: UMT5 text encoder, Wan VAE, 2 Wan blocks, a shift-3 flow scheduler."""
+    from diffusers import WanPipeline
+
+    WanPipeline(**_wan_parts(16, None)).save_pretrained(path)
+    return Path(path)
+
+
+def build_wan_i2v(path) -> Path:
+    """Wan 2.1 I2V layout: as T2V plus a CLIP vision encoder (8x8 images, 65 tokens) and a
+    transformer taking 16 noise + 4 mask + 16 first-frame channels, with its own keys and values
+    for the image tokens (as Wan 2.1 I2V)."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    parts = _wan_parts(36, 4, added_kv_proj_dim=24)
+    torch.manual_seed(0)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=8, intermediate_size=16,
+                                               patch_size=1))
+    WanImageToVideoPipeline(image_encoder=encoder, image_processor=CLIPImageProcessor(crop_size=8, size=8),
+                            **parts).save_pretrained(path)
+    return Path(path)
+
+
+BUILDERS.update({"wan": build_wan, "wan_i2v": build_wan_i2v})
+
+
+def wan_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) first frames in [0, 1] on the 8-bit grid (as read from PNG files)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 1, 1, generator=g)
+    ramp = torch.linspace(0, 1, size).view(1, 1, 1, size)
+    return ((0.6 * base + 0.4 * ramp * torch.rand(n, 3, size, 1, generator=g)) * 255).round() / 255
+
+
+def load_wan_pipeline(family: str, folder):
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    pipe = (WanImageToVideoPipeline if family == "wan_i2v" else WanPipeline).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_wan_pipeline(family: str, pipe, prompts, x0: torch.Tensor, steps: int, image=None,
+                     **overrides) -> torch.Tensor:
+    """The Wan pipeline's loop from the noise ``x0`` (B, C, T, h, w) to its final latents.
+    ``image``: one (3, H, W) first frame in [0, 1] for all prompts (the I2V pipeline takes one)."""
+    from PIL import Image
+
+    kw = {**WAN_MODEL[family][1], **overrides}
+    call = dict(prompt=list(prompts), height=kw["height"], width=kw["width"], num_frames=kw["num_frames"],
+                num_inference_steps=steps, guidance_scale=kw["guidance_scale"],
+                max_sequence_length=kw["max_sequence_length"], negative_prompt=kw.get("negative_prompt"),
+                latents=x0, output_type=kw.get("output_type", "latent"))
+    if family == "wan_i2v":
+        pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        call["image"] = Image.fromarray(pixels)
+    return pipe(**call).frames
+
+
+def wan_train_config(family: str, folder, out, prompts_path, **top) -> dict:
+    """A small GRPO config for a tiny Wan family (its scheduler, 4 steps, 2 prompts x 3 samples)."""
+    name, kwargs = WAN_MODEL[family]
+    data = {"path": str(prompts_path)}
+    if family == "wan_i2v":
+        data.update(task="i2v", image_size=[kwargs["height"], kwargs["width"]])
+    cfg = {
+        "seed": 0, "max_steps": 1, "output_dir": str(out), "checkpoint_every": 0, "device": "cpu",
+        "model": {"name": name, "kwargs": {"path": str(folder), **kwargs}},
+        "data": {"name": "prompt_file", "kwargs": data},
+        "rewards": [{"name": "jpeg_compressibility"}],
+        "sampler": {"kind": "scheduler", "num_steps": 4, **WAN_SAMPLER},
+        "rollout": {"prompts_per_step": 2, "group_size": 3},
+        "timesteps": {"strategy": "dance", "fraction": 0.6},
+        "optim": {"lr": 1e-3, "train_batch_size": 2, "max_grad_norm": 1.0},
+        "lora": {"enabled": False, "rank": 4, "alpha": 8.0},
+        "log": {"num_sample_prompts": 0, "tensorboard": False, "progress": False},
+        "eval": {"num_prompts": 2, "batch_size": 2},
+    }
+    for key, value in top.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def wan_prompt_file(directory, family: str, prompts=PROMPTS) -> Path:
+    """prompts.txt (T2V) or prompts.jsonl with one 32x32 PNG first frame a line (I2V)."""
+    import json
+
+    from PIL import Image
+
+    directory = Path(directory)
+    if family != "wan_i2v":
+        return prompt_file(directory, prompts)
+    (directory / "frames").mkdir(exist_ok=True)
+    lines = []
+    for i, (text, img) in enumerate(zip(prompts, wan_images(len(prompts)), strict=True)):
+        pixels = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(directory / "frames" / f"{i}.png")
+        lines.append(json.dumps({"prompt": text, "image": f"frames/{i}.png"}))
+    p = directory / "prompts.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p

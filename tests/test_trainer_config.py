@@ -132,7 +132,7 @@ def test_registries_build_by_name_and_explain_unknown_names():
         build_reward,
     )
 
-    assert set(MODELS.names()) == {"toy", "shapes", "flux", "sd3", "sd", "qwen_image"}
+    assert set(MODELS.names()) == {"toy", "shapes", "flux", "sd3", "sd", "qwen_image", "wan", "wan_i2v"}
     assert set(DATASETS.names()) == {"toy", "shapes", "prompt_file"}
     assert set(REWARDS.names()) == {"toy", "shapes_alignment", "shapes_binary", "shapes_aesthetic",
                                     "shapes_motion", "jpeg_compressibility"}
