@@ -76,6 +76,8 @@ MODELS = LazyRegistry("model", {
     "sd3": "dancegrpo.models.diffusers.sd3:build_sd3",
     "sd": "dancegrpo.models.diffusers.sd:build_sd",
     "qwen_image": "dancegrpo.models.diffusers.qwen_image:build_qwen_image",
+    "hunyuanvideo": "dancegrpo.models.diffusers.hunyuan_video:build_hunyuanvideo",
+    "skyreels_i2v": "dancegrpo.models.diffusers.hunyuan_video:build_skyreels_i2v",
 })
 
 REWARDS = LazyRegistry("reward", {
