@@ -202,7 +202,7 @@ def test_shipped_configs_run_on_tiny_weights(name, tmp_path, tmp_path_factory):
                              "rollout.prompts_per_step=1", "rollout.group_size=2", "rollout.batch_size=0",
                              "optim.train_batch_size=2", "optim.gradient_accumulation_steps=1", "device=cpu",
                              f"output_dir={tmp_path / 'run'}", "log.sample_every=0", "log.num_sample_prompts=0",
-                             "log.tensorboard=false", "log.progress=false", "eval.num_prompts=0"])
+                             "log.tensorboard=false", "log.progress=false", "eval.num_prompts=1"])
     (metrics,) = Trainer(cfg).train()
     assert metrics["optimizer_steps"] == 1 and metrics["skipped"] == 0
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
