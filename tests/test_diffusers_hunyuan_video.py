@@ -25,6 +25,8 @@ from diffusers_fixtures import (
     train_config,
 )
 
+from test_diffusers_models import _saved_activation_bytes
+
 from dancegrpo.cli import main
 from dancegrpo.registry import build_model, build_reward
 from dancegrpo.samplers import build_sampler
@@ -183,6 +185,52 @@ def test_user_mistakes_are_one_line(family, folder):
             model.encode_prompts(PROMPTS[:1])
         with pytest.raises(ValueError, match=r"data.kwargs.image_size: \[16, 16\]"):
             model.encode_prompts(PROMPTS[:1], torch.rand(1, 3, 32, 32))
+
+
+def test_frozen_parts_stay_out_of_training_and_prompts_are_encoded_once(family, folder, tmp_path):
+    trainer = _trainer(family, folder, tmp_path, **{"lora.enabled": True})
+    model = trainer.model
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith("transformer.") and "lora_" in n for n in names)
+    frozen = model._text_encoders() + [model.frozen.vae]
+    own = {id(p) for p in model.parameters()}
+    assert not any(p.requires_grad or id(p) in own for m in frozen for p in m.parameters())
+    calls = []
+    encode = model.encode_prompts
+    model.encode_prompts = lambda prompts, *a: calls.append(list(prompts)) or encode(prompts, *a)
+    trainer.train_step()
+    assert [len(c) for c in calls] == [2]  # P = 2 prompts for P * G = 6 samples
+
+
+def test_activation_checkpointing_lowers_saved_activations(family, folder):
+    model = _model(family, folder)
+    model.train()
+    x = torch.randn(2, *model.latent_shape(), generator=torch.Generator().manual_seed(0))
+    t = build_sampler("scheduler", model, num_steps=STEPS, eta=0.3).model_timesteps(1, 2)
+    images = _images(family, 2)
+    cond = model.encode_prompts(PROMPTS[:2]) if images is None else model.encode_prompts(PROMPTS[:2], images)
+    results = {}
+    for mode in ("none", "selective", "full"):
+        model.set_checkpointing(mode, every=2)
+        model.zero_grad(set_to_none=True)
+        nbytes, out = _saved_activation_bytes(model, x, t, cond)
+        out.square().mean().backward()
+        results[mode] = (nbytes, out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert results["none"][0] > results["selective"][0] > results["full"][0] > 0, \
+        {k: v[0] for k, v in results.items()}
+    for mode in ("selective", "full"):  # recomputation changes nothing
+        torch.testing.assert_close(results[mode][1], results["none"][1], rtol=0, atol=0)
+        for a, b in zip(results[mode][2], results["none"][2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_frame_count_is_one_cli_line(family, folder, tmp_path, capsys):
+    cfg = train_config(family, folder, tmp_path / "run", "UNSET", **_data(family, tmp_path))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "cfg.yaml"), "model.kwargs.num_frames=12"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.kwargs.num_frames must be 4k+1" in err[0], err
 
 
 SHIPPED = {"hunyuanvideo_t2v": "hunyuanvideo", "skyreels_i2v": "skyreels_i2v"}

@@ -65,14 +65,7 @@ class HunyuanVideoModel(DiffusersAdapter):
         vae = load_component(AutoencoderKLHunyuanVideo, src, "vae", dt)
         if vae_tiling:
             vae.enable_tiling()
-        text = self.pipeline_class(scheduler=None, vae=None, transformer=None,
-                                   text_encoder=load_component(LlamaModel, src, "text_encoder", dt),
-                                   tokenizer=load_component(AutoTokenizer, src, "tokenizer"),
-                                   text_encoder_2=load_component(CLIPTextModel, src, "text_encoder_2", dt),
-                                   tokenizer_2=load_component(AutoTokenizer, src, "tokenizer_2"))
-        scheduler = load_component(FlowMatchEulerDiscreteScheduler, src, "scheduler")
-        self._freeze(vae, text.text_encoder, text.text_encoder_2)
-        self.frozen = Frozen(vae=vae, text=text, scheduler_config=scheduler.config, negative=None)
+        # sizes are checked before the text encoders load (the Llama encoder is 15 GB)
         self.spatial, self.temporal = vae.spatial_compression_ratio, vae.temporal_compression_ratio
         step = max(16, self.spatial * self.transformer.config.patch_size)  # the pipeline asks for 16
         self.height = self._check_size("height", height, step)
@@ -81,6 +74,14 @@ class HunyuanVideoModel(DiffusersAdapter):
         if (self.num_frames - 1) % self.temporal:
             raise ConfigError(f"model.kwargs.num_frames must be {self.temporal}k+1 (the VAE compresses time "
                               f"{self.temporal}x), got {num_frames}")
+        text = self.pipeline_class(scheduler=None, vae=None, transformer=None,
+                                   text_encoder=load_component(LlamaModel, src, "text_encoder", dt),
+                                   tokenizer=load_component(AutoTokenizer, src, "tokenizer"),
+                                   text_encoder_2=load_component(CLIPTextModel, src, "text_encoder_2", dt),
+                                   tokenizer_2=load_component(AutoTokenizer, src, "tokenizer_2"))
+        scheduler = load_component(FlowMatchEulerDiscreteScheduler, src, "scheduler")
+        self._freeze(vae, text.text_encoder, text.text_encoder_2)
+        self.frozen = Frozen(vae=vae, text=text, scheduler_config=scheduler.config, negative=None)
         self.set_checkpointing(*self._checkpointing)
 
     def _set_guidance(self, negative_prompt) -> None:
