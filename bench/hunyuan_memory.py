@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from bench.diffusers_memory import GB, ATTN, SavedBytes, count, lora, lora_params, transformer_totals
+from bench.diffusers_memory import (
+    ATTN,
+    GB,
+    SavedBytes,
+    count,
+    lora,
+    lora_params,
+    transformer_totals,
+)
 
 HEIGHT, WIDTH, FRAMES, TEXT = 480, 848, 33, 256  # 480p 16:9; the pipeline's 256 text tokens
 RANK = 32
@@ -82,7 +90,7 @@ def main():
         ratio = {k: round(big[k][0] / small[k][0], 3) for k in big}
         acts[rank] = dict(zip(("none", "selective", "full"),
                               transformer_totals(big, {"double": 20, "single": 40}, n), strict=True))
-        print(f"  {'LoRA r%d' % RANK if rank else 'full'}: " + ", ".join(
+        print(f"  {f'LoRA r{RANK}' if rank else 'full'}: " + ", ".join(
             f"{k} {v[0] / 1e3:.0f} kB/token (input {v[1] / 1e3:.0f} kB)" for k, v in big.items())
               + f"; per-token ratio at 2x tokens {ratio}; (n, n) bytes left out {sq}")
     vae_gb = vae_n * 2 / GB

@@ -320,7 +320,15 @@ def llama3_tokenizer_hunyuan(words=()):
     the HunyuanVideo template, ``PROMPTS`` and ``words`` into one token (bos prepended)."""
     import regex
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -352,7 +360,11 @@ def llama3_tokenizer_hunyuan(words=()):
 
 
 def _hunyuan_components(in_channels: int):
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoTransformer3DModel,
+    )
     from transformers import LlamaConfig, LlamaModel
 
     tokenizer = llama3_tokenizer_hunyuan(["blurry"])

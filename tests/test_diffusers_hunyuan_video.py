@@ -24,7 +24,6 @@ from diffusers_fixtures import (
     tiny_pipeline,
     train_config,
 )
-
 from test_diffusers_models import _saved_activation_bytes
 
 from dancegrpo.cli import main
