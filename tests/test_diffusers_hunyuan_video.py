@@ -177,7 +177,7 @@ def test_user_mistakes_are_one_line(family, folder):
     if family == "hunyuanvideo":
         with pytest.raises(ValueError, match="model.kwargs.negative_prompt"):
             _model(family, folder, negative_prompt="blurry")
-        with pytest.raises(ValueError, match="text-to-image model: it takes no images"):
+        with pytest.raises(ValueError, match="text-to-video model: it takes no images"):
             model.encode_prompts(PROMPTS[:1], torch.rand(1, 3, 16, 16))
     else:
         with pytest.raises(ValueError, match="first-frame image"):

@@ -99,6 +99,12 @@ class HunyuanVideoModel(DiffusersAdapter):
         c = self.transformer.config.out_channels
         return (c, (self.num_frames - 1) // self.temporal + 1, self.height // self.spatial, self.width // self.spatial)
 
+    def encode_prompts(self, prompts, images: torch.Tensor | None = None) -> Conditioning:
+        if images is not None:
+            raise ValueError("hunyuanvideo is a text-to-video model: it takes no images (skyreels_i2v takes a "
+                             "first frame)")
+        return super().encode_prompts(prompts)
+
     def _text_encoders(self):
         return [self.frozen.text.text_encoder, self.frozen.text.text_encoder_2]
 
