@@ -444,3 +444,175 @@ def wan_prompt_file(directory, family: str, prompts=PROMPTS) -> Path:
     p = directory / "prompts.jsonl"
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+# =========================================================================== HunyuanVideo / SkyReels (hunyuan)
+# Tiny HunyuanVideo pipelines: a 3-layer Llama (its third-to-last hidden state is the text) and a
+# CLIP (pooled), a 4-level causal 3D VAE (8x spatial, 4x temporal), 1 double + 1 single block.
+# 9 frames of 16x16 pixels -> (4, 3, 2, 2) latents. SkyReels: the same with 2C input channels.
+
+# Llama 3's pre-tokenizer: with whole-piece merges the template's prefix is 95 tokens, as with the
+# real tokenizer, so the pipeline's fixed crop of 95 tokens keeps exactly the prompt.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llama3_tokenizer_hunyuan(words=()):
+    """A byte-level BPE tokenizer with Llama 3's split and special tokens, merging each piece of
+    the HunyuanVideo template, ``PROMPTS`` and ``words`` into one token (bos prepended)."""
+    import regex
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte = bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(byte.values())}
+    merges = []
+    text = DEFAULT_PROMPT_TEMPLATE["template"]
+    for special in LLAMA3_SPECIAL:
+        text = text.replace(special, "\n")
+    lines = [*PROMPTS, *words]
+    for piece in regex.findall(LLAMA3_SPLIT, "\n".join([text, *lines, " ".join(lines)])):
+        chars = [byte[b] for b in piece.encode()]
+        for i in range(1, len(chars)):
+            left, right = "".join(chars[:i]), chars[i]
+            if left + right not in vocab:
+                vocab[left + right] = len(vocab)
+                merges.append((left, right))
+    for special in LLAMA3_SPECIAL:
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in LLAMA3_SPECIAL])
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>",
+                                   pad_token="<|end_of_text|>", model_max_length=1024)
+
+
+def _hunyuan_components(in_channels: int):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import LlamaConfig, LlamaModel
+
+    tokenizer = llama3_tokenizer_hunyuan(["blurry"])
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=32, rope_axes_dim=(2, 4, 4))
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True)
+    torch.manual_seed(0)
+    llama = LlamaModel(LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id, hidden_size=16, intermediate_size=37,
+                                   num_attention_heads=4, num_hidden_layers=3, vocab_size=len(tokenizer),
+                                   hidden_act="gelu"))
+    return dict(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                text_encoder=llama, tokenizer=tokenizer, text_encoder_2=_clip(32, seed=1),
+                tokenizer_2=clip_tokenizer())
+
+
+def build_hunyuanvideo(path) -> Path:
+    from diffusers import HunyuanVideoPipeline
+
+    HunyuanVideoPipeline(**_hunyuan_components(4)).save_pretrained(path)
+    return Path(path)
+
+
+def build_skyreels_i2v_hunyuan(path) -> Path:
+    """SkyReels-V1 layout: the HunyuanVideo transformer takes noise and the first frame's latent
+    (zero-padded in time) stacked on channels."""
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline
+
+    HunyuanSkyreelsImageToVideoPipeline(**_hunyuan_components(8)).save_pretrained(path)
+    return Path(path)
+
+
+BUILDERS.update(hunyuanvideo=build_hunyuanvideo, skyreels_i2v=build_skyreels_i2v_hunyuan)
+
+
+# Adapter kwargs (9 frames of 16x16) and the papers' samplers for the HunyuanVideo families.
+MODEL.update(hunyuanvideo=("hunyuanvideo", dict(height=16, width=16, num_frames=9, max_sequence_length=16,
+                                                guidance_scale=6.0)),
+             skyreels_i2v=("skyreels_i2v", dict(height=16, width=16, num_frames=9, max_sequence_length=16,
+                                                guidance_scale=6.0, embedded_guidance_scale=1.0,
+                                                negative_prompt="blurry")))
+SAMPLER.update(hunyuanvideo={"eta": 0.25, "variant": "dance"}, skyreels_i2v={"eta": 0.3, "variant": "dance"})
+
+
+def first_frames_hunyuan(n: int, size=(16, 16), seed: int = 0) -> torch.Tensor:
+    """(n, 3, H, W) first frames in [0, 1], each a smooth colour ramp (8-bit exact)."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 1, size[1]).expand(*size)
+    colours = torch.rand(n, 3, 1, 1, generator=g)
+    return ((colours * ramp + (1 - colours) * ramp.T) * 255).round() / 255
+
+
+def i2v_prompt_file_hunyuan(directory, prompts=PROMPTS, size=(16, 16)) -> Path:
+    """prompts.jsonl with one first-frame PNG per prompt (frames/<i>.png next to it)."""
+    import json
+
+    from PIL import Image
+
+    directory = Path(directory)
+    (directory / "frames").mkdir(parents=True, exist_ok=True)
+    frames = first_frames_hunyuan(len(prompts), size)
+    lines = []
+    for i, (prompt, frame) in enumerate(zip(prompts, frames, strict=True)):
+        pixels = (frame * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(directory / "frames" / f"{i}.png")
+        lines.append(json.dumps({"prompt": prompt, "image": f"frames/{i}.png"}))
+    path = directory / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def load_pipeline_hunyuan(family: str, folder):
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoPipeline
+
+    cls = HunyuanSkyreelsImageToVideoPipeline if family == "skyreels_i2v" else HunyuanVideoPipeline
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline_hunyuan(family: str, pipe, prompts, x0: torch.Tensor, steps: int, images=None, **overrides):
+    """The pipeline's own loop from the noise ``x0`` (B, C, T, h, w) to its final latents. For
+    SkyReels the first frame is encoded with the VAE posterior's mode (the adapter's choice; the
+    pipeline draws a sample), patched in here so both condition on the same latent."""
+    kw = dict(MODEL[family][1])
+    kw.update(overrides)
+    call = dict(prompt=list(prompts), height=kw["height"], width=kw["width"], num_frames=kw["num_frames"],
+                num_inference_steps=steps, latents=x0, max_sequence_length=kw["max_sequence_length"],
+                output_type="latent")
+    if family == "hunyuanvideo":
+        return pipe(guidance_scale=kw["guidance_scale"], **call).frames
+    import diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video as module
+
+    sample = module.retrieve_latents
+    module.retrieve_latents = lambda output, generator=None, sample_mode="sample": output.latent_dist.mode()
+    try:
+        return pipe(image=images, negative_prompt=kw["negative_prompt"], true_cfg_scale=kw["guidance_scale"],
+                    guidance_scale=kw["embedded_guidance_scale"], **call).frames
+    finally:
+        module.retrieve_latents = sample

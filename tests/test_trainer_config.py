@@ -132,14 +132,15 @@ def test_registries_build_by_name_and_explain_unknown_names():
         build_reward,
     )
 
-    assert set(MODELS.names()) == {"toy", "shapes", "flux", "sd3", "sd", "qwen_image", "wan", "wan_i2v"}
+    assert set(MODELS.names()) == {"toy", "shapes", "flux", "sd3", "sd", "qwen_image", "wan", "wan_i2v",
+                                   "hunyuanvideo", "skyreels_i2v"}
     assert set(DATASETS.names()) == {"toy", "shapes", "prompt_file"}
     assert set(REWARDS.names()) == {"toy", "shapes_alignment", "shapes_binary", "shapes_aesthetic",
                                     "shapes_motion", "jpeg_compressibility"}
     with pytest.raises(ValueError, match=r"unknown model 'tyo' \(did you mean toy"):
         build_model("tyo")
-    with pytest.raises(ValueError, match=r"unknown model 'hunyuanvideo'; known: toy, shapes, flux, sd3, sd"):
-        build_model("hunyuanvideo")
+    with pytest.raises(ValueError, match=r"unknown model 'cogvideox'; known: toy, shapes, flux, sd3, sd"):
+        build_model("cogvideox")
     with pytest.raises(ValueError, match=r"unknown reward 'shapes_alignmnt' \(did you mean shapes_alignment"):
         build_reward("shapes_alignmnt")
     with pytest.raises(ValueError, match=r"unknown prompt dataset 'shape' \(did you mean shapes"):

@@ -78,6 +78,8 @@ MODELS = LazyRegistry("model", {
     "qwen_image": "dancegrpo.models.diffusers.qwen_image:build_qwen_image",
     "wan": "dancegrpo.models.diffusers.wan:build_wan",
     "wan_i2v": "dancegrpo.models.diffusers.wan:build_wan_i2v",
+    "hunyuanvideo": "dancegrpo.models.diffusers.hunyuan_video:build_hunyuanvideo",
+    "skyreels_i2v": "dancegrpo.models.diffusers.hunyuan_video:build_skyreels_i2v",
 })
 
 REWARDS = LazyRegistry("reward", {
