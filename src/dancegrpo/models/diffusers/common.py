@@ -158,16 +158,19 @@ class DiffusersAdapter(nn.Module):
     pipeline_class = None
 
     def __init__(self, path, *, dtype="float32", guidance_scale: float, checkpointing: str = "none",
-                 checkpoint_every: int = 2, offload_text_encoders: bool = False, decode_batch_size: int = 8,
-                 export_full_weights: bool = True):
+                 checkpoint_every: int = 2, offload_text_encoders: bool = False, offload_vae: bool = False,
+                 decode_batch_size: int = 8, export_full_weights: bool = True):
         super().__init__()
         self.source = resolve_source(path)
         self.weight_dtype = parse_dtype(dtype)
         self.guidance_scale = _finite("guidance_scale", guidance_scale)
         self.decode_batch_size = positive_int("decode_batch_size", decode_batch_size)
-        if not isinstance(offload_text_encoders, bool) or not isinstance(export_full_weights, bool):
-            raise ConfigError("model.kwargs.offload_text_encoders and export_full_weights must be true or false")
+        for key, value in (("offload_text_encoders", offload_text_encoders), ("offload_vae", offload_vae),
+                           ("export_full_weights", export_full_weights)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.kwargs.{key} must be true or false, got {value!r}")
         self.offload_text_encoders = offload_text_encoders
+        self.offload_vae = offload_vae
         self.export_full_weights = export_full_weights
         self._checkpointing = (checkpointing, checkpoint_every)
 
@@ -222,14 +225,23 @@ class DiffusersAdapter(nn.Module):
                         m.to("cpu")
         return {k: v.detach() for k, v in cond.items()}
 
+    def release_vae(self) -> None:
+        """With ``offload_vae``, move the VAE back to the CPU (after decoding or encoding a first
+        frame), so that it holds no accelerator memory while the denoiser trains."""
+        if self.offload_vae:
+            self.frozen.vae.to("cpu")
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [0, 1], fp32, decoded ``decode_batch_size`` samples at a time."""
         self._follow(self.frozen.vae)
         outs = []
-        with torch.no_grad():
-            for chunk in latents.split(self.decode_batch_size):
-                img = self._vae_decode(chunk.to(self.device, self.weight_dtype))
-                outs.append((img.float() / 2 + 0.5).clamp(0, 1))
+        try:
+            with torch.no_grad():
+                for chunk in latents.split(self.decode_batch_size):
+                    img = self._vae_decode(chunk.to(self.device, self.weight_dtype))
+                    outs.append((img.float() / 2 + 0.5).clamp(0, 1))
+        finally:
+            self.release_vae()
         return torch.cat(outs)
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:

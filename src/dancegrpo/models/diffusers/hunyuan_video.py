@@ -180,9 +180,12 @@ class SkyReelsI2VModel(HunyuanVideoModel):
         cond = self._encode_texts(list(prompts))
         vae = self.frozen.vae
         self._follow(vae)
-        with torch.no_grad():
-            pixels = (images.to(self.device, self.weight_dtype) * 2 - 1).unsqueeze(2)
-            cond["image_latents"] = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        try:
+            with torch.no_grad():
+                pixels = (images.to(self.device, self.weight_dtype) * 2 - 1).unsqueeze(2)
+                cond["image_latents"] = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        finally:
+            self.release_vae()
         return cond
 
     def _inputs(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -242,6 +242,7 @@ class WanI2VModel(WanModel):
             if self.offload_text_encoders:
                 for m in self._text_encoders():
                     m.to("cpu")
+            self.release_vae()
         return out
 
     def _condition(self, frame: torch.Tensor) -> torch.Tensor:
