@@ -89,6 +89,9 @@ REWARDS = LazyRegistry("reward", {
     "shapes_aesthetic": f"{_SHAPES_REWARDS}:AestheticReward",
     "shapes_motion": f"{_SHAPES_REWARDS}:MotionReward",
     "jpeg_compressibility": f"{_SHAPES_REWARDS}:JpegCompressibilityReward",
+    "clip_score": "dancegrpo.rewards.clip:ClipScore",
+    "pickscore": "dancegrpo.rewards.clip:PickScore",
+    "aesthetic": "dancegrpo.rewards.aesthetic:AestheticReward",
 })
 
 DATASETS = LazyRegistry("prompt dataset", {

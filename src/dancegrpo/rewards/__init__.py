@@ -1,0 +1,7 @@
+"""Learned reward models (CLIP score, PickScore, the LAION aesthetic predictor, ...).
+
+Each module is imported on use through :data:`dancegrpo.registry.REWARDS`; importing this
+package imports nothing heavy. A reward is a callable ``reward(samples, prompts) -> (B,)
+float32`` with a ``name``; docs/rewards.md says where each one's weights come from and what
+it computes.
+"""
