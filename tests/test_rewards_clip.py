@@ -150,7 +150,13 @@ def test_clip_score_equals_the_formula(clip_dir):
     assert got.dtype == torch.float32 and got.shape == (3,)
     # our transform vs PIL's uint8 rounding: <= 2 uint8 steps on pixels, well below 0.1 of 100 x cosine
     torch.testing.assert_close(got, want, atol=0.1, rtol=0)
-    # unclamped, by Hessel et al.'s scale 2.5
+    # black images: cosines of both signs, the negative ones clamped to 0
+    prompts = PROMPTS + ["the small yellow triangle", "a big cat", "an orange moon"]
+    black = torch.zeros(6, 3, 40, 36, dtype=torch.uint8)
+    cos_black, _ = hand_cosine(model, black, prompts)
+    assert (cos_black < 0).any() and (cos_black > 0).any()
+    torch.testing.assert_close(reward(black.float(), prompts), (100 * cos_black).clamp(min=0), atol=0.1, rtol=0)
+    # Hessel et al.'s scale 2.5
     reward25 = build_reward("clip_score", path=str(path), device="cpu", scale=2.5)
     torch.testing.assert_close(reward25(images.float() / 255, PROMPTS), (2.5 * cos).clamp(min=0), atol=0.0025, rtol=0)
 
