@@ -327,3 +327,16 @@ def test_grpo_run_with_clip_rewards_from_the_config(tmp_path, clip_dir):
     for m in history:
         for key in ("reward_clip_score_mean", "reward_aesthetic_mean", "reward_mean", "loss"):
             assert np.isfinite(m[key]), (key, m[key])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_bad_options_are_one_line_errors(clip_dir):
+    from dancegrpo.errors import DeviceError
+
+    path, _ = clip_dir
+    with pytest.raises(DeviceError, match="device=cuda:1 but CUDA is not available"):
+        build_reward("clip_score", path=str(path), device="cuda:1")
+    with pytest.raises(ConfigError, match="clip_score: dtype must be one of"):
+        build_reward("clip_score", path=str(path), device="cpu", dtype="int8")
+    with pytest.raises(ConfigError, match="pickscore: num_frames must be a positive int"):
+        build_reward("pickscore", path=str(path), device="cpu", num_frames=0)
