@@ -89,6 +89,7 @@ REWARDS = LazyRegistry("reward", {
     "shapes_aesthetic": f"{_SHAPES_REWARDS}:AestheticReward",
     "shapes_motion": f"{_SHAPES_REWARDS}:MotionReward",
     "jpeg_compressibility": f"{_SHAPES_REWARDS}:JpegCompressibilityReward",
+    "hps_v2": "dancegrpo.rewards.hps:HPSv2Reward",
 })
 
 DATASETS = LazyRegistry("prompt dataset", {

@@ -1,0 +1,1 @@
+"""Learned rewards: reward models loaded from local checkpoints, registered in ``dancegrpo.registry``."""
