@@ -92,6 +92,7 @@ REWARDS = LazyRegistry("reward", {
     "clip_score": "dancegrpo.rewards.clip:ClipScore",
     "pickscore": "dancegrpo.rewards.clip:PickScore",
     "aesthetic": "dancegrpo.rewards.aesthetic:AestheticReward",
+    "hps_v2": "dancegrpo.rewards.hps:HPSv2Reward",
 })
 
 DATASETS = LazyRegistry("prompt dataset", {

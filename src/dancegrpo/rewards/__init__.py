@@ -1,4 +1,4 @@
-"""Learned reward models (CLIP score, PickScore, the LAION aesthetic predictor, ...).
+"""Learned reward models (HPS v2.1, CLIP score, PickScore, the LAION aesthetic predictor, ...).
 
 Each module is imported on use through :data:`dancegrpo.registry.REWARDS`; importing this
 package imports nothing heavy. A reward is a callable ``reward(samples, prompts) -> (B,)
