@@ -89,6 +89,8 @@ REWARDS = LazyRegistry("reward", {
     "shapes_aesthetic": f"{_SHAPES_REWARDS}:AestheticReward",
     "shapes_motion": f"{_SHAPES_REWARDS}:MotionReward",
     "jpeg_compressibility": f"{_SHAPES_REWARDS}:JpegCompressibilityReward",
+    "binary": "dancegrpo.rewards.binary:BinaryReward",
+    "remote": "dancegrpo.rewards.remote:RemoteReward",
 })
 
 DATASETS = LazyRegistry("prompt dataset", {
