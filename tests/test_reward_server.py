@@ -171,12 +171,19 @@ def test_serve_reward_health_and_scores_equal_in_process(tmp_path, shapes_batch,
 
 
 def test_grpo_through_the_service_equals_in_process(tmp_path):
+    def eight_bit_toy(samples, prompts):  # in-process scoring of what the uint8 wire carries
+        return ToyColourReward()(from_wire(to_wire(samples, "uint8")), prompts)
+
     local = Trainer(toy_cfg(tmp_path / "local", "max_steps=3")).train()
+    local8 = Trainer(toy_cfg(tmp_path / "local8", "max_steps=3"), rewards=[eight_bit_toy]).train()
     with serving("toy", tmp_path=tmp_path) as server:
         remote = Trainer(toy_cfg(tmp_path / "remote", "max_steps=3", remote_spec(server.url, dtype="float32"))).train()
+        remote8 = Trainer(toy_cfg(tmp_path / "remote8", "max_steps=3", remote_spec(server.url))).train()
     keys = ("reward_mean", "reward_std", "adv_mean", "adv_std", "loss", "grad_norm", "ratio_first_update", "dropped")
     assert [[m[k] for k in keys] for m in remote] == [[m[k] for k in keys] for m in local]
     assert [m["reward_remote_mean"] for m in remote] == [m["reward_toy_mean"] for m in local]
+    assert [[m[k] for k in keys] for m in remote8] == [[m[k] for k in keys] for m in local8]
+    assert [m["reward_mean"] for m in remote8] != [m["reward_mean"] for m in local]  # 8 bits do differ
 
 
 class Killer:
@@ -229,10 +236,13 @@ def test_server_down_longer_than_max_invalid_steps_stops_the_run(tmp_path, capsy
 
 @contextlib.contextmanager
 def fake_server(body: bytes, delay: float = 0.0):
-    """A tiny HTTP server (stdlib, test only) that answers every POST with ``body``."""
+    """A tiny HTTP server (stdlib, test only) that answers every POST with ``body``; yields its
+    URL and the list of paths POSTed to."""
+    posts = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
+            posts.append(self.path)
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             time.sleep(delay)
             self.send_response(200)
@@ -248,7 +258,7 @@ def fake_server(body: bytes, delay: float = 0.0):
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", posts
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -257,7 +267,7 @@ def fake_server(body: bytes, delay: float = 0.0):
 
 def test_garbage_answer_is_nan_with_a_clear_cause(caplog):
     x, prompts = torch.rand(4, 3, 2, 2), ["red"] * 4
-    with fake_server(b"<html>hello</html>") as url:
+    with fake_server(b"<html>hello</html>") as (url, posts):
         remote = RemoteReward(url, timeout=5, retries=3)
         with pytest.raises(RemoteRewardError, match="garbage answer from .*header length"):
             remote(x, prompts)
@@ -265,15 +275,18 @@ def test_garbage_answer_is_nan_with_a_clear_cause(caplog):
             result = score_samples([WeightedReward(remote, 1.0, "remote")], x, prompts)
     assert torch.isnan(result.rewards).all() and not result.valid.any()
     assert "garbage answer" in result.failures["remote"] and "failed on 4/4 samples" in caplog.text
+    # garbage is not retried, and the batch is not asked again sample by sample
+    assert posts == ["/score", "/score"]
 
 
 def test_slow_server_times_out_into_nan():
     x, prompts = torch.rand(2, 3, 2, 2), ["red"] * 2
-    with fake_server(b"", delay=3.0) as url:
+    with fake_server(b"", delay=3.0) as (url, posts):
         result = score_samples([WeightedReward(RemoteReward(url, timeout=0.3, retries=1, backoff=0.0), 1.0, "remote")],
                                x, prompts)
     assert torch.isnan(result.rewards).all()
     assert "timed out" in result.failures["remote"] and "after 2 attempts" in result.failures["remote"]
+    assert len(posts) == 2  # 1 + retries, for the whole batch
 
 
 @pytest.mark.parametrize("argv, expected", [
