@@ -106,10 +106,10 @@ def serve(name: str, *, host: str = "127.0.0.1", port: int = 8765, device: str =
     except RuntimeError:
         raise UsageError(f"--device {device!r}: expected cpu, cuda, cuda:N or mps") from None
     dev = resolve_device(device)
+    _check_address(host, port)  # before a reward model takes minutes to load
     reward = build_named("reward", name, "NAME", **(kwargs or {}))
     if isinstance(reward, torch.nn.Module):
         reward = reward.to(dev).eval()
     app = build_app(reward, name, dev)
-    _check_address(host, port)
     log.info("serving reward %r on %s at http://%s:%d", name, dev, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
