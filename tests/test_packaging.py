@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "dancegrpo"
 
 # What the core must never import: the trainer's light dependencies and the heavy optional ones.
-TRAINER_ONLY = ("yaml", "PIL", "safetensors", "tqdm", "diffusers", "transformers", "triton")
+TRAINER_ONLY = ("yaml", "PIL", "safetensors", "tqdm", "diffusers", "transformers", "triton", "starlette", "uvicorn")
 
 # Every public op, on every backend auto may pick on CPU, forward and backward where differentiable.
 CORE_SCRIPT = r"""

@@ -316,8 +316,8 @@ def test_bad_input(reward):
 
 def test_every_shapes_reward_is_registered():
     classes = (AlignmentReward, BinaryReward, AestheticReward, MotionReward, JpegCompressibilityReward)
-    # learned rewards need weights: only the shapes world's are built here, each without arguments
-    shapes = [name for name in REWARDS.names() if REWARDS.resolve(name).__module__ == AlignmentReward.__module__]
+    # the shapes world's entries; other rewards (toy, binary, remote, learned ones) take arguments
+    shapes = [n for n in REWARDS.names() if REWARDS.resolve(n).__module__ == AlignmentReward.__module__]
     registered = {type(build_reward(name)) for name in shapes}
     assert registered == set(classes)
     binary = build_reward("shapes_binary", threshold=0.6)

@@ -1,10 +1,11 @@
-"""Command line: ``dancegrpo train | sample | eval | configs``.
+"""Command line: ``dancegrpo train | sample | eval | configs | serve-reward``.
 
     dancegrpo train CONFIG [key=value ...]
     dancegrpo sample (--config CONFIG | --checkpoint PATH) [--prompt TEXT ...] [--num N]
                      [--best-of K --reward NAME] [--out DIR] [key=value ...]
     dancegrpo eval (CONFIG | --checkpoint PATH) [key=value ...]
     dancegrpo configs
+    dancegrpo serve-reward NAME [--host 127.0.0.1] [--port 8765] [--device D] [key=value ...]
 
 CONFIG is a YAML file or the name of a shipped config (``dancegrpo configs`` lists them); an
 existing file wins over a name. ``eval`` prints ONE JSON object on stdout (reward_mean,
@@ -76,7 +77,33 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint directory or a run's output_dir")
     e.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     e.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
+    r = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (see docs/rewards_service.md)")
+    r.add_argument("name", help="reward registry name, e.g. shapes_alignment")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    r.add_argument("--port", type=int, default=8765)
+    r.add_argument("--device", default="cpu", help="device the reward runs on: cpu, cuda, cuda:N")
+    r.add_argument("kwargs", nargs="*", default=[], help="key=value arguments of the reward (values are YAML)")
     return p
+
+
+def _cmd_serve_reward(args) -> int:
+    import yaml
+
+    from .rewards.server import serve
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    kwargs = {}
+    for item in args.kwargs:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"reward arguments look like key=value (e.g. threshold=0.5), got {item!r}")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            kwargs[key.strip()] = text
+    serve(args.name, host=args.host, port=args.port, device=args.device, kwargs=kwargs)
+    return 0
 
 
 def _split_overrides(args) -> list[str]:
@@ -238,8 +265,14 @@ def _cmd_sample(args) -> int:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
-    commands = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "configs": _cmd_configs}
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve-reward" and not any(x.startswith("-") for x in extra):
+        args.kwargs += extra  # key=value after --port and the like
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "configs": _cmd_configs,
+                "serve-reward": _cmd_serve_reward}
     return run_reporting(f"dancegrpo {args.command}", commands[args.command], args)
 
 

@@ -93,6 +93,8 @@ REWARDS = LazyRegistry("reward", {
     "pickscore": "dancegrpo.rewards.clip:PickScore",
     "aesthetic": "dancegrpo.rewards.aesthetic:AestheticReward",
     "hps_v2": "dancegrpo.rewards.hps:HPSv2Reward",
+    "binary": "dancegrpo.rewards.binary:BinaryReward",
+    "remote": "dancegrpo.rewards.remote:RemoteReward",
 })
 
 DATASETS = LazyRegistry("prompt dataset", {

@@ -1,6 +1,7 @@
 """Scoring rollouts with one or several reward models, robust to a reward that fails.
 
-A reward that raises on a batch is retried sample by sample; a sample it still fails on (or
+A reward that raises on a batch is retried sample by sample (unless its exception has a true
+``whole_batch`` attribute: then the whole batch fails); a sample it still fails on (or
 scores non-finite) gets NaN, which ``group_advantages(..., nan_policy="drop")`` turns into a
 dropped sample (advantage 0, left out of its group's statistics). The run goes on and the
 failure is logged; the paper's code scores such a sample -1, which biases its group.
@@ -89,10 +90,14 @@ def _one(reward: WeightedReward, samples: torch.Tensor, prompts: Sequence[str], 
     except Exception as exc:  # noqa: BLE001 - any reward failure is isolated per sample below
         log.debug("reward %r failed on the batch", reward.name, exc_info=True)
         batch_error = f"{type(exc).__name__}: {exc}"
-    # The batch call failed: find the samples that fail on their own, score the rest.
+        whole_batch = bool(getattr(exc, "whole_batch", False))
+    # The batch call failed: find the samples that fail on their own, score the rest. An
+    # exception marked ``whole_batch`` (e.g. a reward service that is down) fails every sample
+    # alike: asking again sample by sample would only multiply the time-outs.
     out = torch.full((batch,), float("nan"))
-    failed = []
-    for i in range(batch):
+    failed = list(range(batch)) if whole_batch else []
+    last = batch_error
+    for i in range(0 if failed else batch):
         try:
             out[i] = _as_scores(reward.fn(samples[i:i + 1], [prompts[i]]), 1, reward.name)[0]
         except Exception as exc:  # noqa: BLE001
