@@ -95,6 +95,7 @@ REWARDS = LazyRegistry("reward", {
     "hps_v2": "dancegrpo.rewards.hps:HPSv2Reward",
     "binary": "dancegrpo.rewards.binary:BinaryReward",
     "remote": "dancegrpo.rewards.remote:RemoteReward",
+    "vlm_judge": "dancegrpo.rewards.vlm_judge:VLMJudgeReward",
 })
 
 DATASETS = LazyRegistry("prompt dataset", {
