@@ -24,7 +24,7 @@ import torch
 
 from .wire import CONTENT_TYPE, DTYPES, WireError, decode_scores, encode_samples
 
-__all__ = ["RemoteReward", "RemoteRewardError"]
+__all__ = ["RemoteReward", "RemoteRewardError", "post_with_retries"]
 
 log = logging.getLogger("dancegrpo.rewards.remote")
 
@@ -34,6 +34,32 @@ class RemoteRewardError(RuntimeError):
     scoring does not retry it sample by sample: the service would fail them alike."""
 
     whole_batch = True
+
+
+def post_with_retries(request: urllib.request.Request, *, retries: int, backoff: float, timeout: float,
+                      what: str = "") -> bytes:
+    """The body of the answer to ``request``. Transport faults (down, slow) and HTTP 5xx are tried
+    again ``retries`` times with a doubling backoff; a 4xx is not (asking again gets the same
+    answer). Then :class:`RemoteRewardError` says why. ``what`` prefixes the message."""
+    url = request.full_url
+    base = urllib.parse.urlunsplit(urllib.parse.urlsplit(url)[:2] + ("", "", ""))
+    cause = "no attempt"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(backoff * 2 ** (attempt - 1), 5.0))
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace").strip()
+            cause = f"HTTP {exc.code} from {url}: {detail or exc.reason}"
+            if exc.code < 500:
+                break
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            cause = f"{base} unreachable: {type(reason).__name__}: {reason}"
+    tries = f" (after {attempt + 1} attempts)" if attempt else ""
+    raise RemoteRewardError(f"{what}{cause}{tries}")
 
 
 class RemoteReward:
@@ -68,23 +94,7 @@ class RemoteReward:
         """The answer's body; transport faults and 5xx retried, then RemoteRewardError."""
         request = urllib.request.Request(f"{self.url}/score", data=body, method="POST",
                                          headers={"Content-Type": CONTENT_TYPE})
-        cause = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 5.0))
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode(errors="replace").strip()
-                cause = f"HTTP {exc.code} from {self.url}/score: {detail or exc.reason}"
-                if exc.code < 500:  # our request is wrong: asking again will not help
-                    break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                cause = f"{self.url} unreachable: {type(reason).__name__}: {reason}"
-        tries = f" (after {attempt + 1} attempts)" if attempt else ""
-        raise RemoteRewardError(f"{cause}{tries}")
+        return post_with_retries(request, retries=self.retries, backoff=self.backoff, timeout=self.timeout)
 
     def __call__(self, samples: torch.Tensor, prompts) -> torch.Tensor:
         if not isinstance(samples, torch.Tensor) or samples.dim() not in (4, 5) or samples.shape[1] != 3:

@@ -26,15 +26,13 @@ import logging
 import math
 import os
 import re
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .remote import RemoteRewardError
+from .remote import RemoteRewardError, post_with_retries
 
 __all__ = ["VLMJudgeReward"]
 
@@ -116,25 +114,12 @@ class VLMJudgeReward:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(f"{self.url}/chat/completions", data=body, method="POST", headers=headers)
-        cause = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 5.0))
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode(errors="replace").strip()
-                cause = f"HTTP {exc.code} from {self.url}/chat/completions: {detail or exc.reason}"
-                if exc.code < 500:  # our request is wrong (model name, template): asking again will not help
-                    break
-            except json.JSONDecodeError as exc:
-                raise RemoteRewardError(f"{self.url}/chat/completions answered something that is not JSON: {exc}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                cause = f"{self.url} unreachable: {type(reason).__name__}: {reason}"
-        tries = f" (after {attempt + 1} attempts)" if attempt else ""
-        raise RemoteRewardError(f"vlm_judge: {cause}{tries}")
+        answer = post_with_retries(request, retries=self.retries, backoff=self.backoff, timeout=self.timeout,
+                                   what="vlm_judge: ")
+        try:
+            return json.loads(answer)
+        except json.JSONDecodeError as exc:
+            raise RemoteRewardError(f"{self.url}/chat/completions answered something that is not JSON: {exc}") from None
 
     def parse(self, answer: str) -> float:
         """The score in ``answer`` (NaN when there is none or it is out of ``score_range``)."""

@@ -84,6 +84,12 @@ def positive_int(key: str, value) -> int:
     return value
 
 
+def text_arg(key: str, value) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"model.kwargs.{key} must be a string, got {value!r}")
+    return value
+
+
 def _finite(key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"model.kwargs.{key} must be a finite number, got {value!r}")

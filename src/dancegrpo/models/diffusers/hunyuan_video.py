@@ -39,6 +39,7 @@ from .common import (
     flow_sampler_from_scheduler,
     load_component,
     positive_int,
+    text_arg,
 )
 from .flux import ATTENTION
 
@@ -158,9 +159,7 @@ class SkyReelsI2VModel(HunyuanVideoModel):
                               f"(in_channels {c.in_channels}, expected 2 x {c.out_channels})")
 
     def _set_guidance(self, negative_prompt) -> None:
-        if not isinstance(negative_prompt, str):
-            raise ConfigError(f"model.kwargs.negative_prompt must be a string, got {negative_prompt!r}")
-        self.negative_prompt = negative_prompt
+        self.negative_prompt = text_arg("negative_prompt", negative_prompt)
         self.embedded_guidance = _finite("embedded_guidance_scale", self._embedded)
 
     @property

@@ -31,6 +31,7 @@ from .common import (
     flow_sampler_from_scheduler,
     load_component,
     positive_int,
+    text_arg,
 )
 from .flux import ATTENTION, pack, unpack
 
@@ -58,9 +59,7 @@ class QwenImageModel(DiffusersAdapter):
     def __init__(self, path, *, dtype="float32", height: int | None = None, width: int | None = None,
                  max_sequence_length: int = 512, guidance_scale: float = 4.0, negative_prompt: str = " ", **common):
         super().__init__(path, dtype=dtype, guidance_scale=guidance_scale, **common)
-        if not isinstance(negative_prompt, str):
-            raise ConfigError(f"model.kwargs.negative_prompt must be a string, got {negative_prompt!r}")
-        self.negative_prompt = negative_prompt
+        self.negative_prompt = text_arg("negative_prompt", negative_prompt)
         self.max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
         if self.max_sequence_length > MAX_SEQUENCE_LENGTH:
             raise ConfigError(f"model.kwargs.max_sequence_length must be <= {MAX_SEQUENCE_LENGTH} for Qwen-Image, "

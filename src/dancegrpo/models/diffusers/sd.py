@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from ...trainer.config import ConfigError
 from ..interface import Conditioning
-from .common import DiffusersAdapter, Frozen, build, load_component
+from .common import DiffusersAdapter, Frozen, build, load_component, text_arg
 
 __all__ = ["SDModel", "build_sd"]
 
@@ -35,9 +35,7 @@ class SDModel(DiffusersAdapter):
     def __init__(self, path, *, dtype="float32", height: int | None = None, width: int | None = None,
                  guidance_scale: float = 7.5, negative_prompt: str = "", **common):
         super().__init__(path, dtype=dtype, guidance_scale=guidance_scale, **common)
-        if not isinstance(negative_prompt, str):
-            raise ConfigError(f"model.kwargs.negative_prompt must be a string, got {negative_prompt!r}")
-        self.negative_prompt = negative_prompt
+        self.negative_prompt = text_arg("negative_prompt", negative_prompt)
         src, dt = self.source, self.weight_dtype
         self.unet = load_component(UNet2DConditionModel, src, "unet", dt)
         vae = load_component(AutoencoderKL, src, "vae", dt)

@@ -26,6 +26,7 @@ from .common import (
     flow_sampler_from_scheduler,
     load_component,
     positive_int,
+    text_arg,
 )
 from .flux import ATTENTION
 
@@ -41,9 +42,7 @@ class SD3Model(DiffusersAdapter):
     def __init__(self, path, *, dtype="float32", height: int | None = None, width: int | None = None,
                  max_sequence_length: int = 256, guidance_scale: float = 7.0, negative_prompt: str = "", **common):
         super().__init__(path, dtype=dtype, guidance_scale=guidance_scale, **common)
-        if not isinstance(negative_prompt, str):
-            raise ConfigError(f"model.kwargs.negative_prompt must be a string, got {negative_prompt!r}")
-        self.negative_prompt = negative_prompt
+        self.negative_prompt = text_arg("negative_prompt", negative_prompt)
         self.max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
         if self.max_sequence_length > 512:
             raise ConfigError(f"model.kwargs.max_sequence_length must be <= 512 for SD3, got {max_sequence_length}")

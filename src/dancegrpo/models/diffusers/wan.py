@@ -36,6 +36,7 @@ from .common import (
     flow_sampler_from_scheduler,
     load_component,
     positive_int,
+    text_arg,
 )
 
 __all__ = ["WanModel", "WanI2VModel", "build_wan", "build_wan_i2v"]
@@ -63,11 +64,9 @@ class WanModel(DiffusersAdapter):
                  max_sequence_length: int = 512, guidance_scale: float = 5.0, negative_prompt: str = "",
                  vae_tiling: bool = False, **common):
         super().__init__(path, dtype=dtype, guidance_scale=guidance_scale, **common)
-        if not isinstance(negative_prompt, str):
-            raise ConfigError(f"model.kwargs.negative_prompt must be a string, got {negative_prompt!r}")
+        self.negative_prompt = text_arg("negative_prompt", negative_prompt)
         if not isinstance(vae_tiling, bool):
             raise ConfigError(f"model.kwargs.vae_tiling must be true or false, got {vae_tiling!r}")
-        self.negative_prompt = negative_prompt
         self.max_sequence_length = positive_int("max_sequence_length", max_sequence_length)
         src, dt = self.source, self.weight_dtype
         pipe_cfg = _config(self.pipeline_class, src, "model_index.json")
