@@ -278,15 +278,17 @@ SAMPLER = {"flux": {"eta": 0.3, "variant": "dance"}, "sd3": {"eta": 0.7, "varian
            "sd": {"eta": 1.0}, "qwen_image": {"eta": 0.3, "variant": "dance"}}
 
 
-def train_config(family: str, folder, out, prompts_path, **top) -> dict:
-    """A small GRPO config for a tiny family (family scheduler, 4 steps, 2 prompts x 3 samples)."""
-    name, kwargs = MODEL[family]
+def train_config(family: str, folder, out, prompts_path, *, _model=None, _sampler=None, _data=None, **top) -> dict:
+    """A small GRPO config for a tiny family (family scheduler, 4 steps, 2 prompts x 3 samples).
+    ``_model`` / ``_sampler`` / ``_data`` replace the family's MODEL / SAMPLER entries and the
+    prompt file's data kwargs (the video blocks below keep their own tables)."""
+    name, kwargs = MODEL[family] if _model is None else _model
     cfg = {
         "seed": 0, "max_steps": 1, "output_dir": str(out), "checkpoint_every": 0, "device": "cpu",
         "model": {"name": name, "kwargs": {"path": str(folder), **kwargs}},
-        "data": {"name": "prompt_file", "kwargs": {"path": str(prompts_path)}},
+        "data": {"name": "prompt_file", "kwargs": {"path": str(prompts_path)} if _data is None else _data},
         "rewards": [{"name": "jpeg_compressibility"}],
-        "sampler": {"kind": "scheduler", "num_steps": 4, **SAMPLER[name]},
+        "sampler": {"kind": "scheduler", "num_steps": 4, **(SAMPLER[name] if _sampler is None else _sampler)},
         "rollout": {"prompts_per_step": 2, "group_size": 3},
         "timesteps": {"strategy": "dance", "fraction": 0.6},
         "optim": {"lr": 1e-3, "train_batch_size": 2, "max_grad_norm": 1.0},
@@ -400,30 +402,12 @@ def run_wan_pipeline(family: str, pipe, prompts, x0: torch.Tensor, steps: int, i
 
 def wan_train_config(family: str, folder, out, prompts_path, **top) -> dict:
     """A small GRPO config for a tiny Wan family (its scheduler, 4 steps, 2 prompts x 3 samples)."""
-    name, kwargs = WAN_MODEL[family]
+    _, kwargs = WAN_MODEL[family]
     data = {"path": str(prompts_path)}
     if family == "wan_i2v":
         data.update(task="i2v", image_size=[kwargs["height"], kwargs["width"]])
-    cfg = {
-        "seed": 0, "max_steps": 1, "output_dir": str(out), "checkpoint_every": 0, "device": "cpu",
-        "model": {"name": name, "kwargs": {"path": str(folder), **kwargs}},
-        "data": {"name": "prompt_file", "kwargs": data},
-        "rewards": [{"name": "jpeg_compressibility"}],
-        "sampler": {"kind": "scheduler", "num_steps": 4, **WAN_SAMPLER},
-        "rollout": {"prompts_per_step": 2, "group_size": 3},
-        "timesteps": {"strategy": "dance", "fraction": 0.6},
-        "optim": {"lr": 1e-3, "train_batch_size": 2, "max_grad_norm": 1.0},
-        "lora": {"enabled": False, "rank": 4, "alpha": 8.0},
-        "log": {"num_sample_prompts": 0, "tensorboard": False, "progress": False},
-        "eval": {"num_prompts": 2, "batch_size": 2},
-    }
-    for key, value in top.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return train_config(family, folder, out, prompts_path, _model=WAN_MODEL[family], _sampler=WAN_SAMPLER,
+                        _data=data, **top)
 
 
 def wan_prompt_file(directory, family: str, prompts=PROMPTS) -> Path:
