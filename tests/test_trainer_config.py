@@ -137,7 +137,7 @@ def test_registries_build_by_name_and_explain_unknown_names():
     assert set(DATASETS.names()) == {"toy", "shapes", "prompt_file"}
     assert set(REWARDS.names()) == {"toy", "shapes_alignment", "shapes_binary", "shapes_aesthetic",
                                     "shapes_motion", "jpeg_compressibility", "clip_score", "pickscore", "aesthetic",
-                                    "hps_v2", "binary", "remote", "vlm_judge"}
+                                    "hps_v2", "binary", "remote", "vlm_judge", "image_reward", "videoalign"}
     with pytest.raises(ValueError, match=r"unknown model 'tyo' \(did you mean toy"):
         build_model("tyo")
     with pytest.raises(ValueError, match=r"unknown model 'cogvideox'; known: toy, shapes, flux, sd3, sd"):

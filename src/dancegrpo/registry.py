@@ -96,6 +96,8 @@ REWARDS = LazyRegistry("reward", {
     "binary": "dancegrpo.rewards.binary:BinaryReward",
     "remote": "dancegrpo.rewards.remote:RemoteReward",
     "vlm_judge": "dancegrpo.rewards.vlm_judge:VLMJudgeReward",
+    "image_reward": "dancegrpo.rewards.image_reward:ImageReward",
+    "videoalign": "dancegrpo.rewards.videoalign:VideoAlignReward",
 })
 
 DATASETS = LazyRegistry("prompt dataset", {
