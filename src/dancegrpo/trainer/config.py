@@ -71,6 +71,7 @@ class RolloutConfig:
     batch_size: int = 0            # rollout forward chunk; 0 = all P*G at once
     store_on_cpu: bool = False     # keep trajectories in host memory (saves accelerator memory)
     decode: str = "x0"             # x0 (DanceGRPO: last step's clean prediction) | final
+    async_rewards: bool = False    # score chunk k (of batch_size) in a thread while chunk k+1 rolls out
 
 
 @dataclass
@@ -440,6 +441,9 @@ def _validate(cfg: TrainConfig) -> None:
     pos_int("rollout.group_size", r.group_size, 2)
     pos_int("rollout.batch_size", r.batch_size, 0)
     choice("rollout.decode", r.decode, ("x0", "final"))
+    need(isinstance(r.async_rewards, bool), "rollout.async_rewards", "true or false", r.async_rewards)
+    need(not r.async_rewards or r.batch_size > 0, "rollout.async_rewards",
+         "rollout.batch_size > 0 with it (the chunk scored while the next one rolls out)", r.batch_size)
     a = cfg.advantage
     choice("advantage.std", a.std, ("group", "global", "none"))
     choice("advantage.aggregate", a.aggregate, ("advantage", "reward"))

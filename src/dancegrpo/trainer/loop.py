@@ -20,6 +20,7 @@ checkpoint. Logged steps after the checkpoint (they are run again) move to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -51,7 +52,7 @@ from .policy import (
     trainable_state,
 )
 from .rollout import collect_rollout
-from .scoring import as_weighted_rewards, build_rewards, score_samples
+from .scoring import AsyncScorer, as_weighted_rewards, build_rewards, score_samples
 from .timesteps import TimestepSelector
 from .update import Updater
 
@@ -185,13 +186,16 @@ class Trainer:
         # 1. rollouts: G samples of each of P prompts, noise shared within a group
         items = self.dataset.sample(P, generator=self.generators["data"])
         sde_mask = self.selector.sde_mask(self.step)
-        rollout = collect_rollout(self.model, self.sampler, items, G, sde_mask, self.generators["noise"],
-                                  device=self.device, share_noise=cfg.rollout.share_noise, chunk=cfg.rollout.batch_size,
-                                  store_on_cpu=cfg.rollout.store_on_cpu, mixed_precision=cfg.mixed_precision,
-                                  decode=cfg.rollout.decode, backend=cfg.loss.backend)
-        t1 = time.perf_counter()
-        # 2. rewards (a failing sample is dropped: NaN) and group-normalised advantages
-        scored = score_samples(self.rewards, rollout.samples, rollout.prompts)
+        with contextlib.ExitStack() as stack:  # async_rewards: chunks scored while the next rolls out
+            scorer = stack.enter_context(AsyncScorer(self.rewards)) if cfg.rollout.async_rewards else None
+            rollout = collect_rollout(self.model, self.sampler, items, G, sde_mask, self.generators["noise"],
+                                      device=self.device, share_noise=cfg.rollout.share_noise,
+                                      chunk=cfg.rollout.batch_size, store_on_cpu=cfg.rollout.store_on_cpu,
+                                      mixed_precision=cfg.mixed_precision, decode=cfg.rollout.decode,
+                                      backend=cfg.loss.backend, on_samples=scorer and scorer.submit)
+            t1 = time.perf_counter()
+            # 2. rewards (a failing sample is dropped: NaN) and group-normalised advantages
+            scored = scorer.result() if scorer else score_samples(self.rewards, rollout.samples, rollout.prompts)
         a = cfg.advantage
         weights = torch.tensor([r.weight for r in self.rewards])
         adv = group_advantages(scored.rewards, G, weights=weights, std=a.std, unbiased=a.unbiased, eps=a.eps,

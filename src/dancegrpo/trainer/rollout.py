@@ -102,12 +102,16 @@ def _chunks(total: int, size: int):
 def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: torch.Tensor,
                     generator: torch.Generator, *, device, share_noise: bool = True, chunk: int = 0,
                     store_on_cpu: bool = False, mixed_precision: str = "no", decode: str = "x0",
-                    backend: str = "auto") -> Rollout:
+                    backend: str = "auto", on_samples=None) -> Rollout:
     """Roll out ``group_size`` samples for each prompt item (eval mode, no grad).
 
     sde_mask: (N,) bool, steps sampled with noise (the rest take the ODE step). The generator
     (on ``device``) draws the initial noise (shared within a group when ``share_noise``) and the
     step noise. Returns a :class:`Rollout` with the decoded samples.
+
+    ``on_samples(slice, samples, prompts)``: roll out chunk by chunk instead (every step of
+    chunk k before chunk k+1, see :func:`_collect_by_chunk`) and hand each chunk's decoded
+    samples over as soon as they exist, so they can be scored while the next chunk rolls out.
     """
     device = torch.device(device)
     n_steps = sampler.num_steps
@@ -132,7 +136,10 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
         a = torch.zeros((batch, n_steps), dtype=torch.float32, device=store)
         b, std, ts = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
         latents[:, 0] = x.to(store)
-        for i in range(n_steps):
+        samples = None if on_samples is None else _collect_by_chunk(
+            model, sampler, x, cond, prompts, sde_mask, generator, chunk, (latents, log_probs, a, b, std, ts),
+            mixed_precision=mixed_precision, decode=decode, backend=backend, on_samples=on_samples)
+        for i in range(n_steps if samples is None else 0):
             t = sampler.model_timesteps(i, batch).to(device)
             v = torch.empty_like(x)
             for sl in _chunks(batch, chunk):
@@ -154,11 +161,49 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
             else:
                 latents[:, i + 1] = y.to(store)
                 x = y
-        out_latent = x
-        samples = model.decode(out_latent)
+        if samples is None:
+            samples = model.decode(x)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
     if store_on_cpu:
         cond = {k: v.cpu() for k, v in cond.items()}
     return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(), cond, prompts, samples)
+
+
+def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, chunk, bufs, *, mixed_precision,
+                      decode, backend, on_samples) -> torch.Tensor:
+    """The rollout loop with chunks outer and steps inner, filling ``bufs`` (latents, log_probs,
+    a, b, std, timesteps) as :func:`collect_rollout` does and calling ``on_samples`` per chunk.
+
+    The noise is the synchronous loop's: each stochastic step's noise for the whole batch is
+    drawn first, in step order, with ``torch.randn`` from ``generator`` (what the torch backend
+    draws inside ``sample_step``), then each chunk takes its rows. The predictions are those of
+    the synchronous loop's chunks of the same size. Backends that draw noise in their kernel
+    from a seed (native, triton) give another stream there, so with them the two loops differ.
+    """
+    latents, log_probs, a, b, std, ts = bufs
+    store, device, batch, n_steps = latents.device, x.device, x.shape[0], sampler.num_steps
+    noise = [torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(store)
+             if bool(sde_mask[i]) else None for i in range(n_steps)]
+    parts = []
+    for sl in _chunks(batch, chunk):
+        xc, cc = x[sl], select(cond, sl)
+        for i in range(n_steps):
+            t = sampler.model_timesteps(i, batch).to(device)[sl]
+            with autocast_context(device, mixed_precision):
+                v = model.predict(xc, t, cc).to(xc.dtype)
+            if bool(sde_mask[i]):
+                c = sampler.coeffs(i, batch)[sl]
+                y, lp = sample_step(v, xc, c.to(device), noise=noise[i][sl].to(device), backend=backend)
+                log_probs[sl, i] = lp.to(store)
+            else:
+                c = sampler.ode_coeffs(i, batch)[sl]
+                y = sampler.ode_step(i, xc, v)
+            a[sl, i], b[sl, i], std[sl, i] = c.a.to(store), c.b.to(store), c.std.to(store)
+            ts[sl, i] = t.to(store)
+            latents[sl, i + 1] = y.to(store)
+            xc = sampler.x0(i, xc, v) if i == n_steps - 1 and decode == "x0" else y
+        parts.append(model.decode(xc))
+        on_samples(sl, parts[-1], prompts[sl])
+    return torch.cat(parts)

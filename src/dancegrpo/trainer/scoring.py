@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["WeightedReward", "ScoreResult", "score_samples", "build_rewards", "as_weighted_rewards", "reward_label"]
+__all__ = ["WeightedReward", "ScoreResult", "score_samples", "build_rewards", "as_weighted_rewards", "reward_label",
+           "AsyncScorer"]
 
 log = logging.getLogger("dancegrpo.trainer")
 
@@ -130,3 +132,40 @@ def score_samples(rewards: Sequence[WeightedReward], samples: torch.Tensor, prom
                 log.warning(msg)
                 failures[rewards[k].name] = f"non-finite scores for {n}/{scores.shape[0]} samples"
     return ScoreResult(scores, errors, failures)
+
+
+class AsyncScorer:
+    """Scores rollout chunks in a background thread while the next chunk rolls out.
+
+    ``submit(slice, samples, prompts)`` (the rollout's ``on_samples`` hook) queues a chunk; one
+    worker scores chunks in submission order with :func:`score_samples`, so a reward never runs
+    twice at once; :meth:`result` waits for all of them and returns one :class:`ScoreResult`
+    over the whole batch, rows in the rollout's order. Scores are those of synchronous scoring
+    as long as a reward scores each sample independently of the rest of its batch. Use it as a
+    context manager: leaving it (also on an error) waits for the worker and stops it.
+    """
+
+    def __init__(self, rewards: Sequence[WeightedReward]):
+        self.rewards = list(rewards)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dancegrpo-reward")
+        self._jobs: list[tuple[slice, object]] = []
+
+    def submit(self, sl: slice, samples: torch.Tensor, prompts: Sequence[str]) -> None:
+        self._jobs.append((sl, self._pool.submit(score_samples, self.rewards, samples, list(prompts))))
+
+    def result(self) -> ScoreResult:
+        if not self._jobs:
+            raise RuntimeError("AsyncScorer.result: no chunk was submitted")
+        parts = [(sl, job.result()) for sl, job in self._jobs]
+        starts = [sl.start for sl, _ in parts]
+        if starts != sorted(starts) or starts[0] != 0 or any(p.stop != n.start for (p, _), (n, _) in zip(parts, parts[1:], strict=False)):
+            raise RuntimeError(f"AsyncScorer.result: chunks {[sl for sl, _ in parts]} do not tile the batch")
+        errors = [e for _, r in parts for e in r.errors]
+        failures = {k: v for _, r in parts for k, v in r.failures.items()}
+        return ScoreResult(torch.cat([r.rewards for _, r in parts]), errors, failures)
+
+    def __enter__(self) -> AsyncScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
