@@ -22,6 +22,7 @@ torchvision's rounded offsets, normalise with CLIP's mean and std.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ MEAN = 0.16717362830052426  # the original's normalisation of the MLP output
 STD = 1.0333394966054072
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+log = logging.getLogger("dancegrpo.rewards")
 HEAD_DIM = 64  # BLIP's ViT-B and ViT-L both use 64-d heads (12 x 64, 16 x 64)
 
 _VISION_RENAMES = [  # timm VisionTransformer -> BlipVisionModel
@@ -159,9 +161,9 @@ def load_model(file: Path, med_file: Path, what: str = "image_reward") -> ImageR
     if not isinstance(state, dict):
         raise ConfigError(f"{what}: {file} holds a {type(state).__name__}, expected ImageReward's state dict")
     vision, text, mlp, unknown = convert_state_dict(state)
-    if unknown:
-        raise ConfigError(f"{what}: {file} has keys outside ImageReward's blip.visual_encoder/blip.text_encoder/mlp "
-                          f"layout: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    if unknown:  # the original loads with strict=False; what the score needs is checked below
+        log.warning("%s: %s has %d keys the score does not use (ignored): %s%s", what, file, len(unknown),
+                    ", ".join(unknown[:3]), " ..." if len(unknown) > 3 else "")
     vcfg, tcfg = _configs(vision, _load_med_config(med_file, what), what)
     model = ImageRewardModel(vcfg, tcfg)
     for part, sd, prefix in ((model.visual_encoder, vision, "blip.visual_encoder"),

@@ -228,12 +228,14 @@ def _load_state(ckpt: Path, what: str) -> dict:
 
 
 def _chat_template(tokenizer, base: Path, what: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    if (base / "chat_template.jinja").is_file():
-        return (base / "chat_template.jinja").read_text()
+    """The processor's template first (the original renders with ``processor.apply_chat_template``),
+    then the tokenizer's."""
     if (base / "chat_template.json").is_file():
         return _read_json(base / "chat_template.json", what)["chat_template"]
+    if (base / "chat_template.jinja").is_file():
+        return (base / "chat_template.jinja").read_text()
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
     raise MissingFileError(f"{what}: {base}/chat_template.json not found; expected Qwen2-VL's chat template")
 
 
