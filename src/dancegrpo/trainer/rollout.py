@@ -102,12 +102,17 @@ def _chunks(total: int, size: int):
 def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: torch.Tensor,
                     generator: torch.Generator, *, device, share_noise: bool = True, chunk: int = 0,
                     store_on_cpu: bool = False, mixed_precision: str = "no", decode: str = "x0",
-                    backend: str = "auto") -> Rollout:
+                    backend: str = "auto", noise=None, rows: slice | None = None) -> Rollout:
     """Roll out ``group_size`` samples for each prompt item (eval mode, no grad).
 
     sde_mask: (N,) bool, steps sampled with noise (the rest take the ODE step). The generator
     (on ``device``) draws the initial noise (shared within a group when ``share_noise``) and the
     step noise. Returns a :class:`Rollout` with the decoded samples.
+
+    noise: a :class:`~dancegrpo.trainer.noise.SampleNoise` drawing each sample's noise from its
+    global index instead (``generator`` is then unused). rows: the samples (of the P * G, groups
+    contiguous) this process makes; every prompt is still encoded, so the conditioning of a
+    sample does not depend on how the batch is split.
     """
     device = torch.device(device)
     n_steps = sampler.num_steps
@@ -120,9 +125,13 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
         texts, cond = encode_items(model, items, device)
         prompts = [t for t in texts for _ in range(group_size)]
         cond = repeat(cond, group_size)
+        if rows is not None:
+            prompts, cond = prompts[rows], select(cond, rows)
         batch = len(prompts)
         shape = tuple(model.latent_shape())
-        if share_noise:
+        if noise is not None:
+            x = noise.initial(shape, device)
+        elif share_noise:
             x = torch.randn((len(items), *shape), generator=generator, device=device).repeat_interleave(group_size, 0)
         else:
             x = torch.randn((batch, *shape), generator=generator, device=device)
@@ -141,7 +150,11 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
                 v[sl] = out.to(x.dtype)
             if bool(sde_mask[i]):
                 c = sampler.coeffs(i, batch)
-                y, lp = sample_step(v, x, c.to(device), generator=generator, backend=backend)
+                if noise is not None:
+                    eps = noise.step_noise(i, shape, device).to(x.dtype)
+                    y, lp = sample_step(v, x, c.to(device), noise=eps, backend=backend)
+                else:
+                    y, lp = sample_step(v, x, c.to(device), generator=generator, backend=backend)
                 log_probs[:, i] = lp.to(store)
             else:
                 c = sampler.ode_coeffs(i, batch)

@@ -1,0 +1,175 @@
+"""Training over several processes (gloo on the CPU): the 2-process run makes the 1-process run's
+samples, rewards and advantages exactly, and its losses and weights up to reduction order, with
+replicated (ddp) and sharded (fsdp) weights; the torchrun command line; a rank that dies."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_utils import free_port, run_ranks
+
+from dancegrpo.trainer import Trainer, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
+
+# P * G = 16 samples; rollout forwards of 8 on any number of processes (same shapes, same bits)
+BASE = ["log.progress=false", "log.num_sample_prompts=0", "log.sample_every=0", "log.tensorboard=false",
+        "checkpoint_every=0", "rollout.prompts_per_step=2", "rollout.group_size=8", "rollout.batch_size=8",
+        "optim.train_batch_size=2", "optim.gradient_accumulation_steps=2", "sampler.num_steps=6"]
+
+
+def _train(rank, world, out, overrides):
+    """A rank's run: its metrics, the global rewards and advantages of each step, the final weights."""
+    from dancegrpo.distributed.parallel import consolidate
+    from dancegrpo.trainer import loop
+
+    seen = []
+    original = loop.group_advantages
+
+    def recording(rewards, *args, **kwargs):
+        adv = original(rewards, *args, **kwargs)
+        seen.append((rewards.clone(), adv.clone()))
+        return adv
+
+    loop.group_advantages = recording
+    try:
+        trainer = Trainer(load_config(CONFIGS / "toy.yaml", [f"output_dir={out}", *BASE, *overrides]))
+        sharded = any(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
+        history = trainer.train()
+        weights = consolidate({k: v.detach() for k, v in trainer.model.state_dict().items()})
+    finally:
+        loop.group_advantages = original
+    return _bytes({"history": history, "seen": seen, "weights": weights, "sharded": sharded})
+
+
+def _bytes(obj) -> bytes:
+    """Tensors leave a spawned process as bytes (shared-memory handles die with it)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _ranks(world, *args):
+    return [torch.load(io.BytesIO(b), weights_only=False) for b in run_ranks(_train, world, *args)]
+
+
+def _compare(one, two):
+    for (r1, a1), (r2, a2) in zip(one["seen"], two["seen"], strict=True):
+        assert r1.shape == r2.shape == (16, 1)
+    (r1, a1), (r2, a2) = one["seen"][0], two["seen"][0]
+    assert torch.equal(r1, r2) and torch.equal(a1, a2)  # first rollout: same weights, so the same bits
+    for (r1, a1), (r2, a2) in zip(one["seen"][1:], two["seen"][1:]):
+        torch.testing.assert_close(r2, r1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a2, a1, rtol=1e-3, atol=1e-3)
+    for m1, m2 in zip(one["history"], two["history"], strict=True):
+        for key in ("loss", "grad_norm", "reward_mean", "ratio_first_update", "clip_fraction"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-3, abs=1e-6), key
+        assert m2["optimizer_steps"] == m1["optimizer_steps"] and m2["trained_samples"] == m1["trained_samples"]
+    changed = False
+    for k, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][k], w, rtol=1e-4, atol=1e-5)
+        changed |= not torch.equal(w, _initial_weights()[k])
+    assert changed  # the runs trained
+
+
+_INIT = {}
+
+
+def _initial_weights():
+    if not _INIT:
+        from dancegrpo.worlds.toy import build_toy_model
+
+        torch.manual_seed(0)
+        _INIT.update({k: v.clone() for k, v in build_toy_model(task="t2i").state_dict().items()})
+    return _INIT
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    (res,) = _ranks(1, str(out), ["max_steps=3"])
+    return res
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_reproduce_the_one_process_run(strategy, one_process, tmp_path):
+    res = _ranks(2, str(tmp_path), ["max_steps=3", f"distributed.strategy={strategy}"])
+    assert [r["sharded"] for r in res] == [strategy == "fsdp"] * 2
+    _compare(one_process, res[0])
+    _compare(one_process, res[1])  # every rank sees the global metrics
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]  # rank 0 alone logs
+
+
+def test_two_processes_with_best_of_k_kl_and_ema(tmp_path_factory):
+    # uneven per-rank sample counts (best-of-k picks), a sharded KL reference and EMA
+    extra = ["max_steps=2", "advantage.best_of_k=2", "loss.kl_beta=0.05", "optim.ema_decay=0.9"]
+    one = _ranks(1, str(tmp_path_factory.mktemp("a")), extra)[0]
+    two = _ranks(2, str(tmp_path_factory.mktemp("b")), [*extra, "distributed.strategy=fsdp"])[0]
+    assert two["history"][0]["trained_samples"] == 8
+    _compare(one, two)
+    assert all(m["kl"] == pytest.approx(n["kl"], rel=1e-3, abs=1e-7) for m, n in zip(one["history"], two["history"]))
+
+
+def _refuse(rank, world, out):
+    try:
+        Trainer(load_config(CONFIGS / "toy.yaml", [f"output_dir={out}", *BASE, "rollout.prompts_per_step=1",
+                                                   "rollout.group_size=3"]))
+    except Exception as exc:  # noqa: BLE001 - the message is what is checked
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
+    msgs = run_ranks(_refuse, 2, str(tmp_path))
+    assert msgs[0] == msgs[1] == ("ConfigError: rollout.prompts_per_step * rollout.group_size = 3 samples per step "
+                                  "must be divisible by the 2 data-parallel processes")
+
+
+def _env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_torchrun_command_line(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "dancegrpo", "train", "toy", f"output_dir={tmp_path}", *BASE,
+           "max_steps=2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_a_dead_rank_ends_the_others_with_one_clear_line(tmp_path):
+    # the ranks started as torchrun starts them (its environment), without the agent that would
+    # kill the survivors itself: a rank must notice on its own
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DANCEGRPO_FAULT_KILL="1@1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "dancegrpo", "train", "toy", f"output_dir={tmp_path}",
+                                       *BASE, "max_steps=4", "distributed.timeout_s=20"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    start = time.monotonic()
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert time.monotonic() - start < 90
+    assert procs[1].returncode == 17 and "exiting abruptly at step 1" in outs[1][1]
+    assert procs[0].returncode == 2, outs[0][1][-3000:]
+    last = outs[0][1].strip().splitlines()[-1]
+    assert last.startswith("dancegrpo train: error: rank 0/2: a collective failed"), last
+    assert "distributed.timeout_s=20" in last
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
