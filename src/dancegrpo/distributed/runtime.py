@@ -25,7 +25,8 @@ import torch
 
 from ..errors import ConfigError, DeviceError, UserError
 
-__all__ = ["Runtime", "setup", "DistributedError", "maybe_inject_fault", "FAULT_ENV", "describe_failure"]
+__all__ = ["Runtime", "setup", "DistributedError", "maybe_inject_fault", "FAULT_ENV", "describe_failure",
+           "is_collective_failure"]
 
 # Fault injection for the failure tests: "RANK@STEP" makes that rank exit abruptly (no clean-up,
 # as a crashed or OOM-killed process would) when it reaches that training step.
@@ -190,3 +191,15 @@ def describe_failure(rt: Runtime, exc: BaseException) -> DistributedError:
     return DistributedError(f"rank {rt.rank}/{rt.world_size}: a collective failed ({type(exc).__name__}: {first}); "
                             f"another process died or did not answer within distributed.timeout_s={rt.timeout_s:g} s "
                             "- see the first failing rank's error")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """A torch.distributed error, or one raised from inside torch.distributed (gloo reports a
+    closed peer connection as a plain RuntimeError)."""
+    dist = torch.distributed
+    if dist.is_available() and isinstance(exc, dist.DistError):
+        return True
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"torch{os.sep}distributed{os.sep}" in last.tb_frame.f_code.co_filename

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..distributed.runtime import describe_failure, maybe_inject_fault
+from ..distributed.runtime import describe_failure, is_collective_failure, maybe_inject_fault
 from ..distributed.runtime import setup as setup_runtime
 from ..errors import CheckpointError, ConfigError, RewardError, UserError
 from ..functional import group_advantages
@@ -330,8 +330,10 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         try:
             return self._train()
-        except torch.distributed.DistError as exc:
-            raise describe_failure(rt, exc) from exc
+        except RuntimeError as exc:
+            if rt.distributed and is_collective_failure(exc):
+                raise describe_failure(rt, exc) from exc
+            raise
         finally:
             rt.close()
 
