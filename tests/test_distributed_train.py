@@ -187,3 +187,29 @@ def test_a_dead_rank_ends_the_others_with_one_clear_line(tmp_path):
     assert last.startswith("dancegrpo train: error: rank 0/2: a collective failed"), last
     assert "distributed.timeout_s=20" in last
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def _flux_fsdp(rank, world, out, folder, prompts):
+    cfg = load_config(CONFIGS / "flux_lora_fsdp.yaml", [
+        f"model.kwargs.path={folder}", "model.kwargs.height=16", "model.kwargs.width=16",
+        "model.kwargs.max_sequence_length=16", f"data.kwargs.path={prompts}", "rewards=[{name: jpeg_compressibility}]",
+        "sampler.num_steps=3", "max_steps=1", "rollout.prompts_per_step=1", "rollout.group_size=4",
+        "rollout.batch_size=0", "optim.gradient_accumulation_steps=2", "device=cpu", f"output_dir={out}",
+        "log.sample_every=0", "log.num_sample_prompts=0", "log.tensorboard=false", "log.progress=false"])
+    trainer = Trainer(cfg)
+    units = sum(type(m).__name__.startswith("FSDP") for m in trainer.model.modules())
+    blocks = len(trainer.model._checkpoint_units())
+    (metrics,) = trainer.train()
+    return units, blocks, metrics["optimizer_steps"], metrics["skipped"], metrics["loss"]
+
+
+def test_shipped_sharded_flux_config_runs_on_two_processes(tmp_path, tmp_path_factory):
+    from diffusers_fixtures import prompt_file, tiny_pipeline
+
+    folder = tiny_pipeline("flux", tmp_path_factory)
+    res = run_ranks(_flux_fsdp, 2, str(tmp_path / "run"), str(folder), str(prompt_file(tmp_path)), timeout=300)
+    units, blocks, steps, skipped, loss = res[0]
+    assert res[0] == res[1]
+    assert blocks >= 2 and units == blocks + 1  # each FLUX block, then the transformer
+    assert steps == 2 and skipped == 0 and loss == loss
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
