@@ -162,6 +162,17 @@ def test_torchrun_command_line(tmp_path):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints" / "step_00000002").is_dir()
 
 
+def test_torchrun_ends_the_job_when_a_rank_dies(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "dancegrpo", "train", "toy", f"output_dir={tmp_path}", *BASE,
+           "max_steps=4", "distributed.timeout_s=20"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=_env(DANCEGRPO_FAULT_KILL="1@1"))
+    assert done.returncode != 0
+    assert "rank 1: DANCEGRPO_FAULT_KILL=1@1: exiting abruptly at step 1" in done.stderr
+    root = done.stderr[done.stderr.index("Root Cause"):]
+    assert "rank      : 1" in root and "exitcode  : 17" in root
+
+
 def test_a_dead_rank_ends_the_others_with_one_clear_line(tmp_path):
     # the ranks started as torchrun starts them (its environment), without the agent that would
     # kill the survivors itself: a rank must notice on its own
