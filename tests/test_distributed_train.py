@@ -131,6 +131,19 @@ def test_sharded_video_dit_blocks_with_activation_checkpointing(tmp_path_factory
     assert (out / "samples" / "step_000002.gif").is_file()  # every rank generated, rank 0 wrote
 
 
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["save-on-2-resume-on-1", "save-on-1-resume-on-2"])
+def test_a_sharded_run_resumes_on_another_number_of_processes(first, then, one_process, tmp_path):
+    fsdp = ["distributed.strategy=fsdp"]
+    _ranks(first, str(tmp_path), ["max_steps=2", *fsdp])
+    res = _ranks(then, str(tmp_path), ["max_steps=3", "resume=true", *fsdp])[0]
+    assert [m["step"] for m in res["history"]] == [3]
+    (r1, _), (r2, _) = one_process["seen"][2], res["seen"][0]
+    torch.testing.assert_close(r2, r1, rtol=1e-4, atol=1e-5)
+    assert res["history"][0]["loss"] == pytest.approx(one_process["history"][2]["loss"], rel=1e-3, abs=1e-6)
+    for k, w in one_process["weights"].items():
+        torch.testing.assert_close(res["weights"][k], w, rtol=1e-4, atol=1e-5)
+
+
 def _refuse(rank, world, out):
     try:
         Trainer(load_config(CONFIGS / "toy.yaml", [f"output_dir={out}", *BASE, "rollout.prompts_per_step=1",
