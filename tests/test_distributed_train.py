@@ -62,11 +62,11 @@ def _ranks(world, *args):
 
 
 def _compare(one, two, batch=16):
-    for (r1, a1), (r2, a2) in zip(one["seen"], two["seen"], strict=True):
+    for (r1, _), (r2, _) in zip(one["seen"], two["seen"], strict=True):
         assert r1.shape == r2.shape and r1.shape[0] == batch
     (r1, a1), (r2, a2) = one["seen"][0], two["seen"][0]
     assert torch.equal(r1, r2) and torch.equal(a1, a2)  # first rollout: same weights, so the same bits
-    for (r1, a1), (r2, a2) in zip(one["seen"][1:], two["seen"][1:]):
+    for (r1, a1), (r2, a2) in zip(one["seen"][1:], two["seen"][1:], strict=True):
         torch.testing.assert_close(r2, r1, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a2, a1, rtol=1e-3, atol=1e-3)
     for m1, m2 in zip(one["history"], two["history"], strict=True):
@@ -112,7 +112,7 @@ def test_two_sharded_processes_with_uneven_shares_kl_ema_and_lora(extra, tmp_pat
     two = _ranks(2, str(tmp_path_factory.mktemp("b")), ["max_steps=2", *extra, "distributed.strategy=fsdp"])[0]
     assert two["sharded"]
     _compare(one, two)
-    assert all(m["kl"] == pytest.approx(n["kl"], rel=1e-3, abs=1e-7) for m, n in zip(one["history"], two["history"]))
+    assert all(m["kl"] == pytest.approx(n["kl"], rel=1e-3, abs=1e-7) for m, n in zip(one["history"], two["history"], strict=True))
 
 
 SHAPES = ["max_steps=2", "device=cpu", "log.progress=false", "log.tensorboard=false", "log.sample_every=0",

@@ -73,7 +73,7 @@ class GradSync:
         if not plain:
             return
         has = self.rt.all_reduce(torch.tensor([p.grad is not None for p in plain], dtype=torch.long), "max")
-        used = [p for p, h in zip(plain, has.tolist()) if h]
+        used = [p for p, h in zip(plain, has.tolist(), strict=True) if h]
         if not used:
             return
         for p in used:
@@ -94,13 +94,12 @@ def global_grad_norm(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    sq = torch.zeros((), dtype=torch.float64)
+    norms = []
     for g in grads:
-        local = torch.linalg.vector_norm(g.float())
-        if _is_dtensor(local):
-            local = local.full_tensor()
-        sq = sq + local.double().cpu() ** 2
-    return sq.sqrt().float()
+        n = torch.linalg.vector_norm(g, dtype=torch.float32)
+        norms.append(n.full_tensor() if _is_dtensor(n) else n)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])).cpu()
 
 
 @torch.no_grad()
@@ -157,7 +156,12 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 
 
 def _shard(model: nn.Module, mesh, mp_policy, offload: bool) -> nn.Module:
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     kwargs = {"mesh": mesh, "mp_policy": mp_policy}
     if offload:
@@ -231,7 +235,7 @@ def shard_like(tree, like):
     if isinstance(tree, dict) and isinstance(like, dict):
         return {k: shard_like(v, like[k]) if k in like else v for k, v in tree.items()}
     if isinstance(tree, (list, tuple)) and isinstance(like, (list, tuple)) and len(tree) == len(like):
-        return type(tree)(shard_like(a, b) for a, b in zip(tree, like))
+        return type(tree)(shard_like(a, b) for a, b in zip(tree, like, strict=True))
     return tree
 
 

@@ -16,7 +16,9 @@ same samples and split each one's tokens.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -161,6 +163,9 @@ def setup(dcfg, device_name: str) -> tuple[Runtime, torch.device | None]:
                                              timeout=datetime.timedelta(seconds=dcfg.timeout_s),
                                              device_id=device if device.type == "cuda" else None)
         rt = Runtime(rank, world, local, sp, dcfg.timeout_s, True)
+        atexit.register(rt.close)  # also when the run fails before its end
+        if rank != 0:  # rank 0 speaks for the run; the others only warn
+            logging.getLogger("dancegrpo").setLevel(logging.WARNING)
     else:
         if sp > 1:
             raise ConfigError(f"distributed.sequence_parallel={sp} needs that many processes: launch with torchrun")

@@ -44,8 +44,8 @@ from .ema import EMA
 from .evaluate import generate
 from .images import save_grid, save_reward_curve
 from .logs import MetricsLogger, peak_memory_mb, read_metrics
-from .noise import SampleNoise
 from .lora import reference_predictor
+from .noise import SampleNoise
 from .policy import (
     build_policy,
     build_run_dataset,
@@ -327,7 +327,7 @@ class Trainer:
     def train(self) -> list[dict]:
         """Run until ``max_steps``; returns the per-step metrics (global ones on every rank; rank 0
         alone writes them, the grids and the progress bar)."""
-        cfg, rt = self.cfg, self.runtime
+        rt = self.runtime
         try:
             return self._train()
         except RuntimeError as exc:

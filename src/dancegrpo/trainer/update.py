@@ -76,7 +76,7 @@ class UpdateStats:
     def reduce(self, sync: GradSync) -> UpdateStats:
         """The sums over every rank (grad norms, steps and skips are already global)."""
         names = ("pairs", "loss", "clip_fraction", "approx_kl", "ratio", "kl", "first_pairs", "first_ratio")
-        for name, v in zip(names, sync.sum([getattr(self, n) for n in names])):
+        for name, v in zip(names, sync.sum([getattr(self, n) for n in names]), strict=True):
             setattr(self, name, v)
         return self
 
