@@ -144,6 +144,34 @@ def test_a_sharded_run_resumes_on_another_number_of_processes(first, then, one_p
         torch.testing.assert_close(res["weights"][k], w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("distributed.strategy=zero3", "distributed.strategy must be one of ('ddp', 'fsdp'), got 'zero3'"),
+    ("distributed.timeout_s=0", "distributed.timeout_s must be finite > 0, got 0.0"),
+    ("distributed.backend=mpi", "distributed.backend must be one of ('auto', 'nccl', 'gloo'), got 'mpi'"),
+    ("distributed.sequence_parallel=0", "distributed.sequence_parallel must be >= 1, got 0"),
+])
+def test_distributed_section_is_validated(override, message):
+    from dancegrpo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "toy.yaml", [override])
+    assert str(err.value) == message
+
+
+def test_one_process_without_torchrun(tmp_path, monkeypatch):
+    from dancegrpo.errors import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = load_config(CONFIGS / "toy.yaml", [f"output_dir={tmp_path}", *BASE, "distributed.sequence_parallel=2"])
+    with pytest.raises(ConfigError, match="^distributed.sequence_parallel=2 needs that many processes: launch with "
+                                          "torchrun$"):
+        Trainer(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's other variables are missing
+    with pytest.raises(ConfigError, match="^WORLD_SIZE > 1 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set"):
+        Trainer(load_config(CONFIGS / "toy.yaml", [f"output_dir={tmp_path}", *BASE]))
+    assert not torch.distributed.is_initialized()
+
+
 def _refuse(rank, world, out):
     try:
         Trainer(load_config(CONFIGS / "toy.yaml", [f"output_dir={out}", *BASE, "rollout.prompts_per_step=1",
