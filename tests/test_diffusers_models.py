@@ -230,7 +230,7 @@ def test_import_dancegrpo_loads_no_diffusers():
 
 
 
-SHIPPED = {"flux_lora": "flux", "sd35_flowgrpo": "sd3", "sd14_dancegrpo": "sd"}
+SHIPPED = {"flux_lora": "flux", "flux_lora_fsdp": "flux", "sd35_flowgrpo": "sd3", "sd14_dancegrpo": "sd"}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

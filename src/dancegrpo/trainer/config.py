@@ -25,7 +25,7 @@ from ..errors import ConfigError, MissingFileError
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RewardConfig", "SamplerConfig", "RolloutConfig",
            "AdvantageConfig", "TimestepConfig", "OptimConfig", "LossConfig", "LoraConfig", "LogConfig",
-           "EvalConfig", "ConfigError", "load_config", "save_config", "config_from_dict", "config_to_dict",
+           "EvalConfig", "DistributedConfig", "ConfigError", "load_config", "save_config", "config_from_dict", "config_to_dict",
            "apply_overrides", "find_config", "shipped_configs"]
 
 
@@ -140,6 +140,16 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Used when the run is launched by torchrun (docs/distributed.md); ignored by one process."""
+    strategy: str = "ddp"          # ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer sharded)
+    sequence_parallel: int = 1     # ranks that split one sample's tokens (Ulysses attention)
+    backend: str = "auto"          # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 600.0       # a collective waiting longer than this ends the run with an error
+    reference: str = "shard"       # KL reference copy under fsdp: shard (like the policy) | cpu
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     max_steps: int = 200           # iterations: one rollout and its updates each
@@ -165,6 +175,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked on load). Raises ConfigError naming the key."""
@@ -490,3 +501,9 @@ def _validate(cfg: TrainConfig) -> None:
     pos_int("eval.samples_per_prompt", e.samples_per_prompt)
     pos_int("eval.batch_size", e.batch_size)
     choice("eval.mode", e.mode, ("ode", "sde"))
+    d = cfg.distributed
+    choice("distributed.strategy", d.strategy, ("ddp", "fsdp"))
+    pos_int("distributed.sequence_parallel", d.sequence_parallel)
+    choice("distributed.backend", d.backend, ("auto", "nccl", "gloo"))
+    finite("distributed.timeout_s", d.timeout_s, 0, lo_open=True)
+    choice("distributed.reference", d.reference, ("shard", "cpu"))

@@ -6,9 +6,11 @@
     4. for each (sample, chosen step): forward with grad, clipped-ratio loss, accumulate
     5. clip the gradient, AdamW (optional EMA)
 
-Everything random comes from two generators the trainer owns (noise on the model's device;
-data: prompts, timestep choice, shuffling, on CPU) plus torch's global RNG (dropout), all
-saved in checkpoints, so a resumed run repeats the uninterrupted one exactly on CPU.
+Rollout noise is drawn per sample from (seed, iteration, global sample index, sampler step)
+(trainer/noise.py); the rest that is random comes from the "data" generator (prompts, timestep
+choice, shuffling, on CPU, in the same state on every rank) and torch's global RNG (dropout),
+saved in checkpoints, so a resumed run repeats the uninterrupted one exactly on CPU, and a run
+over N processes (torchrun; docs/distributed.md) makes the one-process run's samples.
 
 An output_dir holds one run. A fresh run (resume=false) refuses a directory that already holds
 one (checkpoints or logged steps) unless overwrite=true, which deletes that run first.
@@ -33,7 +35,9 @@ import numpy as np
 import torch
 import yaml
 
-from ..errors import CheckpointError, ConfigError, RewardError
+from ..distributed.runtime import describe_failure, is_collective_failure, maybe_inject_fault
+from ..distributed.runtime import setup as setup_runtime
+from ..errors import CheckpointError, ConfigError, RewardError, UserError
 from ..functional import group_advantages
 from .checkpoint import CheckpointManager, capture_rng, describe_damaged, restore_rng
 from .config import TrainConfig, config_to_dict, save_config
@@ -42,6 +46,7 @@ from .evaluate import generate
 from .images import save_grid, save_reward_curve
 from .logs import MetricsLogger, peak_memory_mb, read_metrics
 from .lora import reference_predictor
+from .noise import SampleNoise
 from .policy import (
     build_policy,
     build_run_dataset,
@@ -89,7 +94,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, model=None, rewards=None, dataset=None):
         self.cfg = cfg.validate()
-        self.device = resolve_device(cfg.device)
+        self.runtime, device = setup_runtime(cfg.distributed, cfg.device)
+        self.device = device if device is not None else resolve_device(cfg.device)
+        rt, batch = self.runtime, cfg.rollout.prompts_per_step * cfg.rollout.group_size
+        if batch % rt.dp_size:
+            raise ConfigError(f"rollout.prompts_per_step * rollout.group_size = {batch} samples per step must be "
+                              f"divisible by the {rt.dp_size} data-parallel processes")
         self.out = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         # Cheap checks first, so a typo or a taken output_dir fails before a model loads.
@@ -98,12 +108,14 @@ class Trainer:
         for kind, name, key, given in named:
             if given is None:  # an object passed in replaces the registry name
                 check_registered(kind, name, key)
-        resume_path = self._claim_output_dir()
+        resume_path = self._claim_on_main()
         self.out.mkdir(parents=True, exist_ok=True)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         self.model = build_policy(cfg, self.device, model)
+        ref = reference_predictor(self.model, cfg.lora.enabled) if cfg.loss.kl_beta > 0 else None
+        self.model, ref, sync = self._parallelize(ref)
         self.sampler = build_run_sampler(cfg, self.model)
         stochastic = torch.tensor([self.sampler.is_stochastic(i) for i in range(self.sampler.num_steps)])
         t = cfg.timesteps
@@ -119,15 +131,14 @@ class Trainer:
                                            weight_decay=o.weight_decay)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.ema = EMA(named, o.ema_decay) if o.ema_decay > 0 else None
-        ref = reference_predictor(self.model, cfg.lora.enabled) if cfg.loss.kl_beta > 0 else None
         self.updater = Updater(self.model, self.params, self.optimizer, train_batch_size=o.train_batch_size,
                                accumulation=o.gradient_accumulation_steps, max_grad_norm=o.max_grad_norm,
                                clip_range=cfg.loss.clip_range, clip_range_high=cfg.loss.clip_range_high,
                                kl_beta=cfg.loss.kl_beta, ref_predict=ref, ema=self.ema,
                                mixed_precision=cfg.mixed_precision, update_mode=cfg.update_mode,
-                               ratio_tolerance=cfg.ratio_tolerance, backend=cfg.loss.backend, device=self.device)
+                               ratio_tolerance=cfg.ratio_tolerance, backend=cfg.loss.backend, device=self.device,
+                               sync=sync)
         self.generators = {
-            "noise": torch.Generator(self.device).manual_seed(cfg.seed * 1000 + 1),
             "data": torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 2),
         }
         self.step = 0
@@ -140,7 +151,40 @@ class Trainer:
         # overwrite is what this command did to output_dir, not part of the run: a later
         # `resume=true` from the saved config must not meet it
         self.recorded_cfg = dataclasses.replace(cfg, overwrite=False)
-        save_config(self.recorded_cfg, self.out / "config.yaml")
+        if rt.is_main:
+            save_config(self.recorded_cfg, self.out / "config.yaml")
+
+    def _parallelize(self, ref):
+        """Shard (fsdp) or replicate (ddp) the policy over the ranks; ``(model, ref, sync)``."""
+        from ..distributed.parallel import GradSync, broadcast_weights, shard_policy
+
+        rt, d, model = self.runtime, self.cfg.distributed, self.model
+        params = lambda m: [p for p in m.parameters() if p.requires_grad]
+        if not rt.distributed:
+            return model, ref, GradSync(rt, params(model))
+        if d.strategy == "fsdp":
+            model, ref = shard_policy(model, ref, rt, self.cfg.mixed_precision, d.reference)
+            return model, ref, GradSync(rt, params(model), lockstep=True)
+        broadcast_weights(model, rt)
+        if ref is not None and getattr(ref, "module", None) is not None:
+            broadcast_weights(ref.module, rt)
+        return model, ref, GradSync(rt, params(model))
+
+    def _claim_on_main(self) -> Path | None:
+        """Rank 0 checks (and with overwrite=true clears) output_dir; every rank gets its answer."""
+        rt = self.runtime
+        if not rt.distributed:
+            return self._claim_output_dir()
+        answer = None
+        if rt.is_main:
+            try:
+                answer = (None, self._claim_output_dir())
+            except UserError as exc:
+                answer = (exc, None)
+        error, path = rt.broadcast_object(answer)
+        if error is not None:
+            raise error
+        return path
 
     def _claim_output_dir(self) -> Path | None:
         """Check what output_dir holds against resume / overwrite; the checkpoint to resume from."""
@@ -181,34 +225,44 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
 
     def train_step(self) -> dict:
-        cfg, P, G = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size
+        cfg, P, G, rt = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size, self.runtime
         t0 = time.perf_counter()
-        # 1. rollouts: G samples of each of P prompts, noise shared within a group
+        # 1. rollouts: G samples of each of P prompts (the same prompts on every rank); this rank
+        # makes its contiguous share of the P * G samples, each from its own global-index noise
         items = self.dataset.sample(P, generator=self.generators["data"])
         sde_mask = self.selector.sde_mask(self.step)
+        per_rank = P * G // rt.dp_size
+        lo = rt.dp_rank * per_rank
+        ids = torch.arange(lo, lo + per_rank)
+        noise = SampleNoise(cfg.seed, self.step, ids, ids // G, cfg.rollout.share_noise)
         with contextlib.ExitStack() as stack:  # async_rewards: chunks scored while the next rolls out
             scorer = stack.enter_context(AsyncScorer(self.rewards)) if cfg.rollout.async_rewards else None
-            rollout = collect_rollout(self.model, self.sampler, items, G, sde_mask, self.generators["noise"],
+            rollout = collect_rollout(self.model, self.sampler, items, G, sde_mask, None,
                                       device=self.device, share_noise=cfg.rollout.share_noise,
                                       chunk=cfg.rollout.batch_size, store_on_cpu=cfg.rollout.store_on_cpu,
                                       mixed_precision=cfg.mixed_precision, decode=cfg.rollout.decode,
-                                      backend=cfg.loss.backend, on_samples=scorer and scorer.submit)
+                                      backend=cfg.loss.backend, noise=noise, rows=slice(lo, lo + per_rank),
+                                      on_samples=scorer and scorer.submit)
             t1 = time.perf_counter()
-            # 2. rewards (a failing sample is dropped: NaN) and group-normalised advantages
-            scored = scorer.result() if scorer else score_samples(self.rewards, rollout.samples, rollout.prompts)
+            # 2. rewards (a failing sample is dropped: NaN) of this rank's samples, gathered;
+            # advantages over whole groups
+            scored = self._gather_scores(scorer.result() if scorer
+                                         else score_samples(self.rewards, rollout.samples, rollout.prompts))
         a = cfg.advantage
         weights = torch.tensor([r.weight for r in self.rewards])
-        adv = group_advantages(scored.rewards, G, weights=weights, std=a.std, unbiased=a.unbiased, eps=a.eps,
-                               clip=a.clip, aggregate=a.aggregate, nan_policy="drop", backend=cfg.loss.backend)
+        adv = group_advantages(scored.rewards, group_ids=torch.arange(P * G) // G, weights=weights, std=a.std,
+                               unbiased=a.unbiased, eps=a.eps, clip=a.clip, aggregate=a.aggregate, nan_policy="drop",
+                               backend=cfg.loss.backend)
         valid = scored.valid
         train_idx = (select_best_of_k(adv, valid, G, a.best_of_k) if a.best_of_k > 0
                      else valid.nonzero().flatten())
         t2 = time.perf_counter()
         # 3-5. timesteps, per-(sample, step) clipped loss, accumulate, clip, AdamW, EMA
         if train_idx.numel() > 0:
-            train = rollout if train_idx.numel() == rollout.batch else rollout.select(train_idx)
-            steps = self.selector.choose(sde_mask, train.batch, self.generators["data"])
-            stats = self.updater.run(train, adv[train_idx], steps, self.generators["data"]).summary()
+            steps = self.selector.choose(sde_mask, train_idx.numel(), self.generators["data"])
+            mine = (train_idx >= lo) & (train_idx < lo + per_rank)
+            rows = torch.where(mine, train_idx - lo, torch.full_like(train_idx, -1))
+            stats = self.updater.run(rollout, adv[train_idx], steps, self.generators["data"], rows=rows).summary()
         else:
             log.warning("every sample of this rollout was dropped by the rewards: no update this step")
             stats, steps = {"skipped": 1, "optimizer_steps": 0}, torch.zeros(0, 0)
@@ -219,7 +273,20 @@ class Trainer:
             self.last_failures = {**self.last_failures, **scored.failures}
         t3 = time.perf_counter()
         self.skipped_total += stats["skipped"]
-        return self._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), rollout.batch)
+        return self._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), P * G)
+
+    def _gather_scores(self, scored):
+        """Every rank's rewards in global sample order (and their errors)."""
+        rt = self.runtime
+        if not rt.distributed:
+            return scored
+        rewards = rt.gather_samples(scored.rewards.float())
+        notes = rt.gather_objects((scored.errors, scored.failures))[:: rt.sequence_parallel]
+        failures = {}
+        for _, f in notes:
+            failures.update(f)
+        return dataclasses.replace(scored, rewards=rewards, errors=[e for errs, _ in notes for e in errs],
+                                   failures=failures)
 
     def _metrics(self, scored, weights, adv, valid, train_idx, steps, stats, times, batch) -> dict:
         r = scored.rewards
@@ -263,18 +330,33 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def train(self) -> list[dict]:
-        """Run until ``max_steps``; returns this process's per-step metrics."""
-        cfg = self.cfg
-        logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-                               total=cfg.max_steps, initial=self.step)
-        if self.resumed_from is not None:
-            logger.rewind_to(self.step)  # steps logged after the checkpoint run again
+        """Run until ``max_steps``; returns the per-step metrics (global ones on every rank; rank 0
+        alone writes them, the grids and the progress bar)."""
+        rt = self.runtime
+        try:
+            return self._train()
+        except RuntimeError as exc:
+            if rt.distributed and is_collective_failure(exc):
+                raise describe_failure(rt, exc) from exc
+            raise
+        finally:
+            rt.close()
+
+    def _train(self) -> list[dict]:
+        cfg, rt = self.cfg, self.runtime
+        logger = _NoLogger()
+        if rt.is_main:
+            logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                                   total=cfg.max_steps, initial=self.step)
+            if self.resumed_from is not None:
+                logger.rewind_to(self.step)  # steps logged after the checkpoint run again
         history = []
         saved_step = self.step if self.resumed_from is not None else None
         try:
             if cfg.log.sample_every and self.step == 0:
                 self.save_samples()  # the "before" grid
             while self.step < cfg.max_steps:
+                maybe_inject_fault(rt, self.step)
                 metrics = self.train_step()
                 self.step += 1
                 metrics = {"step": self.step, **metrics}
@@ -291,7 +373,8 @@ class Trainer:
                 self.save_checkpoint()
             if cfg.log.num_sample_prompts and not (cfg.log.sample_every and self.step % cfg.log.sample_every == 0):
                 self.save_samples()
-            self.save_reward_curve()
+            if rt.is_main:
+                self.save_reward_curve()
         finally:
             logger.close()
         return history
@@ -306,14 +389,17 @@ class Trainer:
 
     def save_samples(self) -> Path | None:
         """A grid of the fixed prompts (PNG, or GIF for video) in ``output_dir/samples``."""
-        n = self.cfg.log.num_sample_prompts
-        if n <= 0:
+        n, rt = self.cfg.log.num_sample_prompts, self.runtime
+        # a sharded model needs every rank in its forwards; a replicated one only rank 0
+        if n <= 0 or not (rt.is_main or self.cfg.distributed.strategy == "fsdp"):
             return None
         items = self.dataset.fixed(n)
         e = self.cfg.eval
         samples, _ = generate(self.model, self.sampler, items, mode=e.mode, seed=e.seed, device=self.device,
                               batch_size=e.batch_size, mixed_precision=self.cfg.mixed_precision,
                               backend=self.cfg.loss.backend)
+        if not rt.is_main:
+            return None
         (self.out / "samples").mkdir(exist_ok=True)
         return save_grid(samples, self.out / "samples" / f"step_{self.step:06d}")
 
@@ -324,16 +410,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint (shards are gathered into whole tensors first, which every
+        rank takes part in); other ranks return None."""
+        from ..distributed.parallel import consolidate
+
+        rt = self.runtime
+        model_state, optimizer_state, ema_state = consolidate(
+            (trainable_state(self.model, self.cfg.lora.enabled), self.optimizer.state_dict(),
+             self.ema.state_dict() if self.ema is not None else None))
+        if not rt.is_main:
+            return None
+        sharded = rt.distributed and self.cfg.distributed.strategy == "fsdp"
         path = self.checkpoints.save(
             self.step,
-            model_state=trainable_state(self.model, self.cfg.lora.enabled),
-            optimizer_state=self.optimizer.state_dict(),
+            model_state=model_state,
+            optimizer_state=optimizer_state,
             rng_state=capture_rng(self.generators),
             run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
             config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
-            ema_state=self.ema.state_dict() if self.ema is not None else None,
-            export=self._export_weights(),
+            ema_state=ema_state,
+            export=None if sharded else self._export_weights(),  # the export reads whole weights
         )
         log.info("saved checkpoint %s", path)
         return path
@@ -350,12 +447,16 @@ class Trainer:
         if bool(ckpt["state"].get("lora", False)) != self.cfg.lora.enabled:
             raise ConfigError(f"checkpoint {path} was trained with lora.enabled={ckpt['state'].get('lora')}, "
                               f"this run has lora.enabled={self.cfg.lora.enabled}")
-        load_model_state(self.model, ckpt["model"], self.cfg.lora.enabled, source=f"checkpoint {path}")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        from ..distributed.parallel import optimizer_like, shard_like
+
+        load_model_state(self.model, shard_like(ckpt["model"], trainable_state(self.model, self.cfg.lora.enabled)),
+                         self.cfg.lora.enabled, source=f"checkpoint {path}")
+        opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizer.load_state_dict(shard_like(ckpt["optimizer"], optimizer_like(ckpt["optimizer"], opt_params)))
         if self.ema is not None:
             if "ema" not in ckpt:
                 raise ConfigError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
-            self.ema.load_state_dict(ckpt["ema"])
+            self.ema.load_state_dict(shard_like(ckpt["ema"], self.ema.state_dict()))
         restore_rng(ckpt["rng"], self.generators)
         self.step = int(ckpt["state"]["step"])
         self.skipped_total = int(ckpt["state"].get("skipped_total", 0))
@@ -366,6 +467,16 @@ class Trainer:
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
         log.info("resumed from %s at step %d", path, self.step)
+
+
+class _NoLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _diff(a, b, prefix="") -> list[str]:

@@ -102,12 +102,17 @@ def _chunks(total: int, size: int):
 def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: torch.Tensor,
                     generator: torch.Generator, *, device, share_noise: bool = True, chunk: int = 0,
                     store_on_cpu: bool = False, mixed_precision: str = "no", decode: str = "x0",
-                    backend: str = "auto", on_samples=None) -> Rollout:
+                    backend: str = "auto", noise=None, rows: slice | None = None, on_samples=None) -> Rollout:
     """Roll out ``group_size`` samples for each prompt item (eval mode, no grad).
 
     sde_mask: (N,) bool, steps sampled with noise (the rest take the ODE step). The generator
     (on ``device``) draws the initial noise (shared within a group when ``share_noise``) and the
     step noise. Returns a :class:`Rollout` with the decoded samples.
+
+    noise: a :class:`~dancegrpo.trainer.noise.SampleNoise` drawing each sample's noise from its
+    global index instead (``generator`` is then unused). rows: the samples (of the P * G, groups
+    contiguous) this process makes; every prompt is still encoded, so the conditioning of a
+    sample does not depend on how the batch is split.
 
     ``on_samples(slice, samples, prompts)``: roll out chunk by chunk instead (every step of
     chunk k before chunk k+1, see :func:`_collect_by_chunk`) and hand each chunk's decoded
@@ -124,9 +129,13 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
         texts, cond = encode_items(model, items, device)
         prompts = [t for t in texts for _ in range(group_size)]
         cond = repeat(cond, group_size)
+        if rows is not None:
+            prompts, cond = prompts[rows], select(cond, rows)
         batch = len(prompts)
         shape = tuple(model.latent_shape())
-        if share_noise:
+        if noise is not None:
+            x = noise.initial(shape, device)
+        elif share_noise:
             x = torch.randn((len(items), *shape), generator=generator, device=device).repeat_interleave(group_size, 0)
         else:
             x = torch.randn((batch, *shape), generator=generator, device=device)
@@ -137,7 +146,7 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
         b, std, ts = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
         latents[:, 0] = x.to(store)
         samples = None if on_samples is None else _collect_by_chunk(
-            model, sampler, x, cond, prompts, sde_mask, generator, chunk, (latents, log_probs, a, b, std, ts),
+            model, sampler, x, cond, prompts, sde_mask, generator, noise, chunk, (latents, log_probs, a, b, std, ts),
             mixed_precision=mixed_precision, decode=decode, backend=backend, on_samples=on_samples)
         for i in range(n_steps if samples is None else 0):
             t = sampler.model_timesteps(i, batch).to(device)
@@ -148,7 +157,11 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
                 v[sl] = out.to(x.dtype)
             if bool(sde_mask[i]):
                 c = sampler.coeffs(i, batch)
-                y, lp = sample_step(v, x, c.to(device), generator=generator, backend=backend)
+                if noise is not None:
+                    eps = noise.step_noise(i, shape, device).to(x.dtype)
+                    y, lp = sample_step(v, x, c.to(device), noise=eps, backend=backend)
+                else:
+                    y, lp = sample_step(v, x, c.to(device), generator=generator, backend=backend)
                 log_probs[:, i] = lp.to(store)
             else:
                 c = sampler.ode_coeffs(i, batch)
@@ -171,21 +184,26 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
     return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(), cond, prompts, samples)
 
 
-def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, chunk, bufs, *, mixed_precision,
+def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, sample_noise, chunk, bufs, *, mixed_precision,
                       decode, backend, on_samples) -> torch.Tensor:
     """The rollout loop with chunks outer and steps inner, filling ``bufs`` (latents, log_probs,
     a, b, std, timesteps) as :func:`collect_rollout` does and calling ``on_samples`` per chunk.
 
-    The noise is the synchronous loop's: each stochastic step's noise for the whole batch is
-    drawn first, in step order, with ``torch.randn`` from ``generator`` (what the torch backend
-    draws inside ``sample_step``), then each chunk takes its rows. The predictions are those of
-    the synchronous loop's chunks of the same size. Backends that draw noise in their kernel
-    from a seed (native, triton) give another stream there, so with them the two loops differ.
+    The noise is the synchronous loop's: with ``sample_noise`` (the trainer's per-sample noise)
+    each sample's own draws, so both loops agree on every backend; otherwise each stochastic
+    step's noise for the whole batch is drawn first, in step order, with ``torch.randn`` from
+    ``generator`` (what the torch backend draws inside ``sample_step``; backends that draw in
+    their kernel from a seed give another stream). Then each chunk takes its rows. The
+    predictions are those of the synchronous loop's chunks of the same size.
     """
     latents, log_probs, a, b, std, ts = bufs
     store, device, batch, n_steps = latents.device, x.device, x.shape[0], sampler.num_steps
-    noise = [torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(store)
-             if bool(sde_mask[i]) else None for i in range(n_steps)]
+    def draw(i):
+        if sample_noise is not None:
+            return sample_noise.step_noise(i, x.shape[1:], device).to(store)
+        return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(store)
+
+    noise = [draw(i) if bool(sde_mask[i]) else None for i in range(n_steps)]
     parts = []
     for sl in _chunks(batch, chunk):
         xc, cc = x[sl], select(cond, sl)
@@ -195,7 +213,7 @@ def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, chu
                 v = model.predict(xc, t, cc).to(xc.dtype)
             if bool(sde_mask[i]):
                 c = sampler.coeffs(i, batch)[sl]
-                y, lp = sample_step(v, xc, c.to(device), noise=noise[i][sl].to(device), backend=backend)
+                y, lp = sample_step(v, xc, c.to(device), noise=noise[i][sl].to(device=device, dtype=xc.dtype), backend=backend)
                 log_probs[sl, i] = lp.to(store)
             else:
                 c = sampler.ode_coeffs(i, batch)[sl]
