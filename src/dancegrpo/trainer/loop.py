@@ -21,6 +21,7 @@ checkpoint. Logged steps after the checkpoint (they are run again) move to
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -46,9 +47,7 @@ from .policy import (
     build_run_dataset,
     build_run_sampler,
     check_registered,
-    load_model_state,
     resolve_device,
-    trainable_state,
 )
 from .rollout import collect_rollout
 from .scoring import as_weighted_rewards, build_rewards, score_samples
@@ -323,12 +322,13 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         path = self.checkpoints.save(
             self.step,
-            model_state=trainable_state(self.model, self.cfg.lora.enabled),
-            optimizer_state=self.optimizer.state_dict(),
+            model=self.model,
+            optimizer=self.optimizer,
+            trainable_only=self.cfg.lora.enabled,
             rng_state=capture_rng(self.generators),
             run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
             config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
-            ema_state=self.ema.state_dict() if self.ema is not None else None,
+            ema=self.ema.shadow if self.ema is not None else None,
             export=self._export_weights(),
         )
         log.info("saved checkpoint %s", path)
@@ -342,16 +342,15 @@ class Trainer:
         return lambda directory: export(directory, lora=self.cfg.lora.enabled)
 
     def _resume(self, path: Path) -> None:
-        ckpt = CheckpointManager.load(path)
-        if bool(ckpt["state"].get("lora", False)) != self.cfg.lora.enabled:
-            raise ConfigError(f"checkpoint {path} was trained with lora.enabled={ckpt['state'].get('lora')}, "
+        state = json.loads((path / "state.json").read_text())
+        if bool(state.get("lora", False)) != self.cfg.lora.enabled:
+            raise ConfigError(f"checkpoint {path} was trained with lora.enabled={state.get('lora')}, "
                               f"this run has lora.enabled={self.cfg.lora.enabled}")
-        load_model_state(self.model, ckpt["model"], self.cfg.lora.enabled, source=f"checkpoint {path}")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.ema is not None:
-            if "ema" not in ckpt:
-                raise ConfigError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
-            self.ema.load_state_dict(ckpt["ema"])
+        if self.ema is not None and not (path / "ema.safetensors").is_file():
+            raise ConfigError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
+        ckpt = self.checkpoints.restore(path, model=self.model, optimizer=self.optimizer,
+                                        ema=self.ema.shadow if self.ema is not None else None,
+                                        trainable_only=self.cfg.lora.enabled)
         restore_rng(ckpt["rng"], self.generators)
         self.step = int(ckpt["state"]["step"])
         self.skipped_total = int(ckpt["state"].get("skipped_total", 0))

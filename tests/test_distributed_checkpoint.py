@@ -1,0 +1,200 @@
+"""Sharded checkpoints: saved on 2 processes (FSDP2 or DDP) they load on 1, and the reverse, with
+identical model, AdamW and EMA tensors; a rank that fails mid-save never replaces the previous one."""
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_utils import run_ranks
+from safetensors.torch import load_file
+from torch import nn
+
+from dancegrpo.trainer import checkpoint as ck
+from dancegrpo.trainer.checkpoint import CheckpointError, CheckpointManager, capture_rng
+
+LR = 0.01
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    # 8 output rows shard 4/4 over 2 ranks, 5 rows unevenly 3/2
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    m.register_buffer("scale", torch.linspace(0.5, 1.5, 5))
+    return m
+
+
+def _wrap(m: nn.Module, strategy: str) -> nn.Module:
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        for layer in m:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(m, mesh=mesh)
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(m)
+    return m
+
+
+def _named(m: nn.Module):
+    return (m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m).named_parameters()
+
+
+def _setup(strategy: str, lr: float = LR):
+    m = _wrap(_model(), strategy)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.1)
+    ema = {n: p.detach().clone() for n, p in _named(m)}
+    return m, opt, ema
+
+
+def _train(m, opt, ema, steps: int, rank: int) -> None:
+    for s in range(steps):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * s + rank))
+        m(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for n, p in _named(m):
+                ema[n].lerp_(p.detach(), 0.1)
+
+
+def _snapshot(m, opt, ema) -> dict:
+    """The whole model / optimizer / EMA state on rank 0 (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from dancegrpo.distributed.checkpoint import full_tensors, rank_and_world
+
+    model, optim = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ema = full_tensors(ema)
+    if rank_and_world()[0] != 0:
+        return {}
+    return {"model": {k: v.clone() for k, v in model.items()},
+            "optim": {k: {s: t.clone() for s, t in v.items()} for k, v in optim["state"].items()},
+            "lr": [g["lr"] for g in optim["param_groups"]], "ema": ema}
+
+
+def _pack(obj) -> bytes:
+    """Tensors leave a rank as bytes: shared-memory tensors die with the process that made them."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys() and a["optim"].keys() == b["optim"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["optim"]:
+        assert a["optim"][k].keys() == b["optim"][k].keys() == {"step", "exp_avg", "exp_avg_sq"}, k
+        for s in a["optim"][k]:
+            assert torch.equal(a["optim"][k][s], b["optim"][k][s]), (k, s)
+    assert a["lr"] == b["lr"] == [LR]
+    assert a["ema"].keys() == b["ema"].keys() and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def _save(root, step, m, opt, ema, tag):
+    return CheckpointManager(root, keep=0).save(step, model=m, optimizer=opt, ema=ema, rng_state={"tag": tag, **capture_rng({})},
+                                                run_state={}, config_yaml="seed: 1\n")
+
+
+def _restore(root, m, opt, ema):
+    manager = CheckpointManager(root)
+    return manager.restore(manager.latest(), model=m, optimizer=opt, ema=ema)
+
+
+def _save_on_ranks(rank, world, strategy, root):
+    m, opt, ema = _setup(strategy)
+    _train(m, opt, ema, 2, rank)
+    _save(root, 2, m, opt, ema, f"rank {rank}")
+    return _pack(_snapshot(m, opt, ema))
+
+
+def _load_on_ranks(rank, world, strategy, root):
+    m, opt, ema = _setup(strategy, lr=0.5)  # lr comes back from the checkpoint
+    ckpt = _restore(root, m, opt, ema)
+    return _pack((_snapshot(m, opt, ema), ckpt["rng"]["tag"], ckpt["state"]["world_size"]))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_saved_on_two_processes_loads_on_one(tmp_path, strategy):
+    saved = _unpack(run_ranks(_save_on_ranks, 2, strategy, tmp_path)[0])
+    step = tmp_path / "step_00000002"
+    shards = sorted(p.name for p in (step / "training").iterdir())
+    # FSDP: each rank wrote its shard; DDP: replicated tensors are written once, by rank 0
+    assert shards == (([".metadata", "__0_0.distcp", "__1_0.distcp"]) if strategy == "fsdp" else
+                      [".metadata", "__0_0.distcp"]) or strategy == "ddp" and ".metadata" in shards
+    if strategy == "fsdp":  # the shards split the tensors: neither holds the whole state
+        assert all(0 < (step / "training" / s).stat().st_size for s in shards[1:])
+    m, opt, ema = _setup("plain", lr=0.5)
+    ckpt = _restore(tmp_path, m, opt, ema)
+    _assert_same(saved, _snapshot(m, opt, ema))
+    assert ckpt["state"] == {"step": 2, "world_size": 2} and ckpt["rng"]["tag"] == "rank 0"
+    # the consolidated export holds the whole model and EMA
+    exported = load_file(str(step / "model.safetensors"))
+    assert exported.keys() == saved["model"].keys()
+    assert all(torch.equal(exported[k], saved["model"][k]) for k in exported)
+    assert all(torch.equal(load_file(str(step / "ema.safetensors"))[k], v) for k, v in saved["ema"].items())
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_saved_on_one_process_loads_on_two(tmp_path, strategy):
+    m, opt, ema = _setup("plain")
+    _train(m, opt, ema, 2, 0)
+    _save(tmp_path, 2, m, opt, ema, "single")
+    saved = _snapshot(m, opt, ema)
+    (loaded, tag, world), (_, tag1, _) = map(_unpack, run_ranks(_load_on_ranks, 2, strategy, tmp_path))
+    _assert_same(saved, loaded)
+    assert world == 1 and tag == tag1 == "single"  # a different world size: every rank gets rank 0's RNG
+
+
+def _failing_second_save(rank, world, root):
+    m, opt, ema = _setup("fsdp")
+    _train(m, opt, ema, 1, rank)
+    _save(root, 1, m, opt, ema, "first")
+    first = _snapshot(m, opt, ema)
+    _train(m, opt, ema, 1, rank)
+    seen = {}
+    if rank == 1:  # rank 1 dies after writing its shard, before the ranks agree that all is written
+        real = ck._write_torch
+
+        def crash(path, obj):
+            seen["own shard written"] = (Path(path).parents[1] / "training" / "__1_0.distcp").is_file()
+            raise OSError("rank 1 lost its disk (simulated)")
+
+        ck._write_torch = crash
+    try:
+        _save(root, 2, m, opt, ema, "second")
+        error = None
+    except BaseException as exc:  # noqa: BLE001 - checked by the test
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if rank == 1:
+            ck._write_torch = real
+    return _pack((error, seen, first))
+
+
+def test_a_rank_failing_mid_save_leaves_the_previous_checkpoint_newest(tmp_path, caplog):
+    (err0, _, first), (err1, seen1, _) = map(_unpack, run_ranks(_failing_second_save, 2, tmp_path))
+    assert seen1 == {"own shard written": True}
+    assert err1 == "OSError: rank 1 lost its disk (simulated)"
+    assert err0.startswith("CheckpointError: checkpoint step 2: writing the per-rank files: rank 1 failed "
+                           "(OSError: rank 1 lost its disk (simulated))")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no temp directory left
+    m, opt, ema = _setup("plain", lr=0.5)
+    assert _restore(tmp_path, m, opt, ema)["rng"]["tag"] == "first"
+    _assert_same(first, _snapshot(m, opt, ema))
+    # a rank's shard damaged afterwards: the checkpoint is never picked
+    shard = tmp_path / "step_00000001" / "training" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with caplog.at_level("WARNING", logger="dancegrpo.trainer"):
+        assert CheckpointManager(tmp_path).latest() is None
+    assert "file training/__1_0.distcp differs" in caplog.text
+    with pytest.raises(CheckpointError, match="training/__1_0.distcp differs"):
+        CheckpointManager.restore(tmp_path / "step_00000001", model=m, optimizer=opt, ema=ema)
