@@ -10,6 +10,8 @@ Functions that say *collective* must be called by every rank in the same order.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +49,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes a single process' whenever no process group exists; here that is
+    the intended one-process run, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _options(trainable_only: bool, **kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -71,7 +82,8 @@ def save_training_state(directory, model: nn.Module, optimizer, *, trainable_onl
     import torch.distributed.checkpoint as dcp
 
     state = _training_state(model, optimizer, trainable_only, ema)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True), no_dist=not _initialized())
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True), no_dist=not _initialized())
 
 
 def load_training_state(directory, model: nn.Module, optimizer, *, trainable_only: bool = False,
@@ -85,7 +97,8 @@ def load_training_state(directory, model: nn.Module, optimizer, *, trainable_onl
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _training_state(model, optimizer, trainable_only, ema)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=not _initialized())
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=not _initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_options(trainable_only))
 
