@@ -195,3 +195,24 @@ def test_a_rank_failing_mid_save_leaves_the_previous_checkpoint_newest(tmp_path,
     assert "file training/__1_0.distcp differs" in caplog.text
     with pytest.raises(CheckpointError, match="training/__1_0.distcp differs"):
         CheckpointManager.restore(tmp_path / "step_00000001", model=m, optimizer=opt, ema=ema)
+
+
+def test_optimizer_state_is_restored_as_it_was_even_where_there_is_none(tmp_path):
+    # saved before the first step, and after a step in which one layer had no gradient
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2), nn.Linear(3, 1))
+    opt = torch.optim.AdamW(m.parameters(), lr=LR)
+    manager = CheckpointManager(tmp_path, keep=0)
+    before_step = manager.save(0, model=m, optimizer=opt, rng_state={}, run_state={}, config_yaml="")
+    assert not opt.state  # saving did not give the optimizer state (it would change the next step)
+    m[1](m[0](torch.randn(4, 3))).sum().backward()
+    opt.step()
+    after_step = manager.save(1, model=m, optimizer=opt, rng_state={}, run_state={}, config_yaml="")
+    for path, with_state in ((before_step, []), (after_step, [0, 1, 2, 3])):
+        m2 = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2), nn.Linear(3, 1))
+        opt2 = torch.optim.AdamW(m2.parameters(), lr=0.5)
+        CheckpointManager.restore(path, model=m2, optimizer=opt2)
+        loaded, saved = opt2.state_dict(), opt.state_dict()
+        assert sorted(loaded["state"]) == with_state and loaded["param_groups"][0]["lr"] == LR
+        for i in with_state:
+            assert all(torch.equal(loaded["state"][i][k], saved["state"][i][k]) for k in saved["state"][i])

@@ -62,13 +62,20 @@ def _options(trainable_only: bool, **kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # trainable_only (LoRA): the frozen base is rebuilt from its pretrained weights, never saved.
-    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only, **kw)
+    kw.setdefault("strict", not trainable_only)
+    return StateDictOptions(ignore_frozen_params=trainable_only, **kw)
 
 
-def _training_state(model: nn.Module, optimizer, trainable_only: bool, ema: dict | None) -> dict:
+def _training_state(model: nn.Module, optimizer, trainable_only: bool, ema: dict | None, saving: bool) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    fresh = not optimizer.state
     model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+    if fresh and saving:
+        # get_state_dict fills an empty optimizer's state by a zero-lr step (step=1, zero moments);
+        # kept, that would change the next real step's bias correction. Undo it: no state is saved.
+        optimizer.state.clear()
+        optim_state["state"] = {}
     state = {"model": model_state, "optimizer": optim_state}
     if ema is not None:
         state["ema"] = dict(ema)  # the live shadow tensors: DCP loads into them in place
@@ -81,7 +88,7 @@ def save_training_state(directory, model: nn.Module, optimizer, *, trainable_onl
     rank its own shard file, rank 0 the ``.metadata`` (collective). Files are fsynced."""
     import torch.distributed.checkpoint as dcp
 
-    state = _training_state(model, optimizer, trainable_only, ema)
+    state = _training_state(model, optimizer, trainable_only, ema, saving=True)
     with _quiet_single_process():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True), no_dist=not _initialized())
 
@@ -94,13 +101,19 @@ def load_training_state(directory, model: nn.Module, optimizer, *, trainable_onl
     (DCP raises otherwise); each rank reads only the pieces of its own shards.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = _training_state(model, optimizer, trainable_only, ema)
+    state = _training_state(model, optimizer, trainable_only, ema, saving=False)
+    reader = dcp.FileSystemReader(str(directory))
+    saved = reader.read_metadata().state_dict_metadata
+    # parameters that had no optimizer state when saved (no step yet, or never a gradient) get none
+    state["optimizer"]["state"] = {n: v for n, v in state["optimizer"]["state"].items()
+                                   if f"optimizer.state.{n}.step" in saved}
     with _quiet_single_process():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=not _initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_options(trainable_only))
+        dcp.load(state, storage_reader=reader, no_dist=not _initialized())
+    set_model_state_dict(model, state["model"], options=_options(trainable_only))
+    # not strict: the parameters left out above stay without state
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_options(trainable_only, strict=False))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
