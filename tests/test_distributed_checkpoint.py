@@ -43,10 +43,13 @@ def _named(m: nn.Module):
     return (m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m).named_parameters()
 
 
-def _setup(strategy: str, lr: float = LR):
-    m = _wrap(_model(), strategy)
-    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.1)
-    ema = {n: p.detach().clone() for n, p in _named(m)}
+def _setup(strategy: str, lr: float = LR, frozen: bool = False):
+    m = _model()
+    if frozen:  # like a LoRA base: the first layer never trains
+        m[0].requires_grad_(False)
+    m = _wrap(m, strategy)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
+    ema = {n: p.detach().clone() for n, p in _named(m) if p.requires_grad}
     return m, opt, ema
 
 
@@ -58,7 +61,8 @@ def _train(m, opt, ema, steps: int, rank: int) -> None:
         opt.zero_grad()
         with torch.no_grad():
             for n, p in _named(m):
-                ema[n].lerp_(p.detach(), 0.1)
+                if n in ema:
+                    ema[n].lerp_(p.detach(), 0.1)
 
 
 def _snapshot(m, opt, ema) -> dict:
@@ -99,14 +103,15 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["ema"].keys() == b["ema"].keys() and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
-def _save(root, step, m, opt, ema, tag):
-    return CheckpointManager(root, keep=0).save(step, model=m, optimizer=opt, ema=ema, rng_state={"tag": tag, **capture_rng({})},
-                                                run_state={}, config_yaml="seed: 1\n")
+def _save(root, step, m, opt, ema, tag, trainable_only=False):
+    return CheckpointManager(root, keep=0).save(step, model=m, optimizer=opt, ema=ema, trainable_only=trainable_only,
+                                                rng_state={"tag": tag, **capture_rng({})}, run_state={},
+                                                config_yaml="seed: 1\n")
 
 
-def _restore(root, m, opt, ema):
+def _restore(root, m, opt, ema, trainable_only=False):
     manager = CheckpointManager(root)
-    return manager.restore(manager.latest(), model=m, optimizer=opt, ema=ema)
+    return manager.restore(manager.latest(), model=m, optimizer=opt, ema=ema, trainable_only=trainable_only)
 
 
 def _save_on_ranks(rank, world, strategy, root):
@@ -149,6 +154,30 @@ def test_saved_on_one_process_loads_on_two(tmp_path, strategy):
     (loaded, tag, world), (_, tag1, _) = map(_unpack, run_ranks(_load_on_ranks, 2, strategy, tmp_path))
     _assert_same(saved, loaded)
     assert world == 1 and tag == tag1 == "single"  # a different world size: every rank gets rank 0's RNG
+
+
+def _save_trainable_on_ranks(rank, world, root):
+    m, opt, ema = _setup("fsdp", frozen=True)
+    _train(m, opt, ema, 2, rank)
+    _save(root, 2, m, opt, ema, f"rank {rank}", trainable_only=True)
+    return _pack(_snapshot(m, opt, ema))
+
+
+def test_trainable_only_saves_and_exports_just_the_parameters_that_train(tmp_path):
+    saved = _unpack(run_ranks(_save_trainable_on_ranks, 2, tmp_path)[0])
+    trains = ["2.bias", "2.weight"]
+    step = tmp_path / "step_00000002"
+    assert sorted(load_file(str(step / "model.safetensors"))) == trains
+    assert sorted(load_file(str(step / "ema.safetensors"))) == trains
+    m, opt, ema = _setup("plain", lr=0.5, frozen=True)
+    with torch.no_grad():
+        m[0].weight.fill_(7.0)  # the frozen base comes from the model as built, not from the checkpoint
+    _restore(tmp_path, m, opt, ema, trainable_only=True)
+    assert bool((m[0].weight == 7.0).all())
+    loaded = _snapshot(m, opt, ema)
+    for snap in (saved, loaded):
+        snap["model"] = {n: t for n, t in snap["model"].items() if not n.startswith("0.")}
+    _assert_same(saved, loaded)
 
 
 def _failing_second_save(rank, world, root):
