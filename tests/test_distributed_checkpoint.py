@@ -245,3 +245,14 @@ def test_optimizer_state_is_restored_as_it_was_even_where_there_is_none(tmp_path
         assert sorted(loaded["state"]) == with_state and loaded["param_groups"][0]["lr"] == LR
         for i in with_state:
             assert all(torch.equal(loaded["state"][i][k], saved["state"][i][k]) for k in saved["state"][i])
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_clear_error(tmp_path):
+    m = nn.Sequential(nn.Linear(2, 1))
+    path = CheckpointManager(tmp_path).save(1, model=m, optimizer=torch.optim.AdamW(m.parameters()), rng_state={},
+                                            run_state={}, config_yaml="")
+    for other, why in ((nn.Sequential(nn.Linear(3, 1)), r"Size mismatch .* for model.0.weight"),
+                       (nn.Sequential(nn.Linear(2, 1), nn.Linear(1, 1)), "Missing key .*: model.1.weight")):
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} does not fit the model, optimizer or EMA built "
+                                                  rf"from the config \(was model.*\): rank 0: .*{why}"):
+            CheckpointManager.restore(path, model=other, optimizer=torch.optim.AdamW(other.parameters()))

@@ -335,6 +335,9 @@ class CheckpointManager:
         rank, world = rank_and_world()
         _agree(lambda: verify_checkpoint(path, part=(rank, world)), f"checkpoint {path}")
         state = json.loads((path / "state.json").read_text())
+        if not (path / "training").is_dir():
+            raise CheckpointError(f"checkpoint {path} has no training/ state (written by an older dancegrpo): its "
+                                  "weights load for eval and export, but it cannot resume a run")
         try:
             load_training_state(path / "training", model, optimizer, trainable_only=trainable_only, ema=ema)
         except BaseException as exc:
