@@ -101,7 +101,10 @@ def load_training_state(directory, model: nn.Module, optimizer, *, trainable_onl
     (DCP raises otherwise); each rank reads only the pieces of its own shards.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = _training_state(model, optimizer, trainable_only, ema, saving=False)
     reader = dcp.FileSystemReader(str(directory))
