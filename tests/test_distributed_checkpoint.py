@@ -256,3 +256,50 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_clear_error(tmp_path):
         with pytest.raises(CheckpointError, match=f"checkpoint {path} does not fit the model, optimizer or EMA built "
                                                   rf"from the config \(was model.*\): rank 0: .*{why}"):
             CheckpointManager.restore(path, model=other, optimizer=torch.optim.AdamW(other.parameters()))
+
+
+def _global_batch(s: int) -> torch.Tensor:
+    return torch.randn(8, 6, generator=torch.Generator().manual_seed(1000 + s))
+
+
+def _steps(m, opt, first: int, last: int, rank: int, world: int) -> None:
+    """Steps first..last on the global batch of 8, split evenly over the ranks; FSDP averages the
+    ranks' gradients, so every world size takes the same steps up to reduction order."""
+    for s in range(first, last + 1):
+        rows = _global_batch(s).chunk(world)[rank]
+        m(rows).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _run_fsdp(rank, world, root, resume: bool):
+    m, opt, _ = _setup("fsdp")
+    if resume:
+        _restore(root, m, opt, None)
+    else:
+        _steps(m, opt, 1, 2, rank, world)
+        _save(root, 2, m, opt, None, "fsdp")
+    _steps(m, opt, 3, 4, rank, world)
+    return _pack(_snapshot(m, opt, {}))
+
+
+def test_a_run_continues_on_another_number_of_processes_as_it_would_have(tmp_path):
+    # 2 processes -> 1
+    two = _unpack(run_ranks(_run_fsdp, 2, tmp_path / "a", False)[0])
+    m, opt, _ = _setup("plain")
+    _restore(tmp_path / "a", m, opt, None)
+    _steps(m, opt, 3, 4, 0, 1)
+    one = _snapshot(m, opt, {})
+    # 1 process -> 2
+    m, opt, _ = _setup("plain")
+    _steps(m, opt, 1, 2, 0, 1)
+    _save(tmp_path / "b", 2, m, opt, None, "plain")
+    _steps(m, opt, 3, 4, 0, 1)
+    uninterrupted_one = _snapshot(m, opt, {})
+    resumed_two = _unpack(run_ranks(_run_fsdp, 2, tmp_path / "b", True)[0])
+    for a, b in ((two, one), (uninterrupted_one, resumed_two)):
+        assert a["model"].keys() == b["model"].keys()
+        for k in a["model"]:
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+        assert [int(v["step"]) for v in a["optim"].values()] == [int(v["step"]) for v in b["optim"].values()]
+        assert all(int(v["step"]) == 4 for v in a["optim"].values())
