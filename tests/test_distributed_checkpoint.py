@@ -1,5 +1,7 @@
 """Sharded checkpoints: saved on 2 processes (FSDP2 or DDP) they load on 1, and the reverse, with
-identical model, AdamW and EMA tensors; a rank that fails mid-save never replaces the previous one."""
+identical model, AdamW and EMA tensors, and the run continues as it would have; only the trainable
+parameters under trainable_only; a rank that fails mid-save never replaces the previous one; the
+optimizer comes back exactly as it was (even without state); a misfit is one clear error."""
 
 import io
 from pathlib import Path

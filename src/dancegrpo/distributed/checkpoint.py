@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["rank_and_world", "all_gather_objects", "broadcast_object", "save_training_state",
-           "load_training_state", "full_model_state", "full_tensors"]
+           "load_training_state", "full_model_state", "full_tensors", "shard_files"]
 
 
 def _initialized() -> bool:
