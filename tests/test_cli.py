@@ -190,7 +190,7 @@ def test_interrupt_mid_save_leaves_no_partial_checkpoint(tmp_path, capsys, monke
     real = ck._write_torch
 
     def interrupted(path, obj):
-        if "step_00000004" in path.parent.name and path.name == "rng.pt":
+        if "step_00000004" in path.parents[1].name and path.parent.name == "rng":
             raise KeyboardInterrupt
         real(path, obj)
 

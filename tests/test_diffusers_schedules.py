@@ -54,7 +54,8 @@ def test_checkpoint_exports_are_hashed(tmp_path):
         (directory / "lora" / "weights.bin").write_bytes(b"abc")
 
     manager = CheckpointManager(tmp_path)
-    path = manager.save(1, model_state={"w": torch.ones(2)}, optimizer_state={}, rng_state={}, run_state={},
+    model = torch.nn.Linear(2, 1)
+    path = manager.save(1, model=model, optimizer=torch.optim.AdamW(model.parameters()), rng_state={}, run_state={},
                         config_yaml="", export=export)
     assert "lora/weights.bin" in verify_checkpoint(path)["files"]
     (path / "lora" / "weights.bin").write_bytes(b"abd")

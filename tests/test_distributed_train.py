@@ -26,7 +26,8 @@ BASE = ["log.progress=false", "log.num_sample_prompts=0", "log.sample_every=0", 
 
 def _train(rank, world, out, overrides, config="toy", base=BASE):
     """A rank's run: its metrics, the global rewards and advantages of each step, the final weights."""
-    from dancegrpo.distributed.parallel import consolidate
+    from torch.distributed.tensor import DTensor
+
     from dancegrpo.trainer import loop
 
     seen = []
@@ -43,7 +44,8 @@ def _train(rank, world, out, overrides, config="toy", base=BASE):
         sharded = any(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
         units = sum(type(m).__name__.startswith("FSDP") for m in trainer.model.modules())
         history = trainer.train()
-        weights = consolidate({k: v.detach() for k, v in trainer.model.state_dict().items()})
+        weights = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()  # every rank: whole
+                   for k, v in trainer.model.state_dict().items()}
     finally:
         loop.group_advantages = original
     return _bytes({"history": history, "seen": seen, "weights": weights, "sharded": sharded,

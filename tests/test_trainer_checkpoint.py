@@ -64,7 +64,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatc
     real = ck._write_torch
 
     def crashing(path, obj):
-        if "step_00000004" in path.parent.name and path.name == "rng.pt":
+        if "step_00000004" in path.parents[1].name and path.parent.name == "rng":
             raise OSError("disk full (simulated)")
         real(path, obj)
 
@@ -86,11 +86,11 @@ def test_resume_when_every_checkpoint_is_damaged_is_an_error_and_keeps_the_logs(
     Trainer(toy_cfg(tmp_path, "max_steps=4")).train()
     root, log = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
     for step in (2, 4):
-        f = root / f"step_{step:08d}" / "optimizer.pt"
+        f = root / f"step_{step:08d}" / "training" / "__0_0.distcp"
         f.write_bytes(f.read_bytes()[:-10])
     before = log.read_bytes()
     with pytest.raises(CheckpointError, match=r"resume=true but every checkpoint in .* is damaged \(step_00000004: "
-                                              r"file optimizer.pt differs.*; step_00000002: file optimizer.pt differs"):
+                                              r"file training/__0_0.distcp differs.*; step_00000002: file training/__0_0.distcp differs"):
         Trainer(toy_cfg(tmp_path, "max_steps=6", "resume=true"))
     assert log.read_bytes() == before
     from dancegrpo.cli import main

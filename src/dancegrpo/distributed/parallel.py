@@ -28,7 +28,7 @@ from torch import nn
 from .runtime import Runtime
 
 __all__ = ["GradSync", "shard_policy", "fsdp_units", "denoiser_of", "broadcast_weights", "global_grad_norm",
-           "clip_grads", "consolidate", "shard_like"]
+           "clip_grads"]
 
 log = logging.getLogger("dancegrpo.distributed")
 
@@ -210,38 +210,3 @@ def _on_cpu(ref_predict, ref: nn.Module, policy: nn.Module):
         return out.to(x.device)
     predict_on_cpu.module = ref
     return predict_on_cpu
-
-
-
-def consolidate(tree):
-    """``tree`` (nested dicts / lists / tuples) with every DTensor replaced by its whole tensor on
-    the CPU: a collective, called by every rank in the same order. Without DTensors: ``tree``."""
-    if _is_dtensor(tree):
-        return tree.full_tensor().cpu()
-    if isinstance(tree, dict):
-        return {k: consolidate(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(consolidate(v) for v in tree)
-    return tree
-
-
-def shard_like(tree, like):
-    """Whole tensors of ``tree`` laid out as the same-shaped DTensors at the same place in
-    ``like`` (this rank's shard of a loaded checkpoint); other leaves unchanged."""
-    if _is_dtensor(like) and isinstance(tree, torch.Tensor) and not _is_dtensor(tree) and tree.shape == like.shape:
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(tree.to(like.device, like.dtype), like.device_mesh, like.placements)
-    if isinstance(tree, dict) and isinstance(like, dict):
-        return {k: shard_like(v, like[k]) if k in like else v for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)) and isinstance(like, (list, tuple)) and len(tree) == len(like):
-        return type(tree)(shard_like(a, b) for a, b in zip(tree, like, strict=True))
-    return tree
-
-
-def optimizer_like(state: dict, params) -> dict:
-    """A ``like`` for :func:`shard_like` of a saved optimizer state: each parameter's state
-    tensors laid out as the parameter."""
-    params = list(params)
-    return {"state": {i: {k: params[i] for k in st} for i, st in state.get("state", {}).items()
-                      if isinstance(i, int) and i < len(params)}}

@@ -1,17 +1,22 @@
 """Atomic checkpoints: a checkpoint either loads exactly as saved or is never picked.
 
-Layout: ``output_dir/checkpoints/step_00000010/`` holding ``model.safetensors`` (the full
-state dict, or only the LoRA adapters), ``ema.safetensors`` (when EMA is on),
-``optimizer.pt``, ``rng.pt`` (torch CPU/CUDA, Python, NumPy and the trainer's generators),
-``state.json`` (step and run state), ``config.yaml`` and, written last, ``COMPLETE`` with
-the size and SHA-256 of every other file.
+One format for any number of processes. Layout: ``output_dir/checkpoints/step_00000010/`` holding
+``training/`` (model and optimizer state, and the EMA shadow, in torch.distributed.checkpoint's
+format: one ``__<rank>_0.distcp`` shard file per rank plus ``.metadata``; only the LoRA
+adapters under LoRA), ``rng/rank_<rank>.pt`` (each rank's torch CPU/CUDA, Python, NumPy and
+trainer-generator states), ``model.safetensors`` and ``ema.safetensors`` (the whole trainable
+state gathered on rank 0, for inference and exports), ``state.json`` (step, world size, run
+state), ``config.yaml``, the model's own-format export if any and, written last, ``COMPLETE``
+with the size and SHA-256 of every other file.
 
-Writing: everything goes to a hidden temp directory, each file is fsynced, then ``COMPLETE``,
-then the directory is fsynced and renamed into place (atomic on POSIX) and the parent is
-fsynced. A crash at any point leaves either the old state or a temp directory that is never
-read (and is cleaned up by the next save); an interrupted save (Ctrl-C) removes its temp
-directory itself. Reading verifies ``COMPLETE``'s sizes and hashes, so
-even a checkpoint damaged after the fact is skipped (with a warning) in favour of an older one.
+Writing: everything goes to a hidden temp directory (its name chosen by rank 0), each file is
+fsynced; the ranks then wait for each other and learn whether every rank wrote its files; only
+then rank 0 writes ``COMPLETE``, fsyncs the directory, renames it into place (atomic on POSIX)
+and fsyncs the parent. A crash or a failed rank at any point leaves either the old state or a
+temp directory that is never read (and is cleaned up by the next save); a save that fails or
+is interrupted (Ctrl-C) removes its temp directory itself. Reading verifies ``COMPLETE``'s sizes
+and hashes, so even a checkpoint damaged after the fact is skipped (with a warning) in favour
+of an older one. Every rank must see the same directory (a shared file system across nodes).
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..distributed.checkpoint import (
+    all_gather_objects,
+    full_model_state,
+    full_tensors,
+    load_training_state,
+    rank_and_world,
+    save_training_state,
+    shard_files,
+)
 from ..errors import CheckpointError
 
 __all__ = ["CheckpointManager", "capture_rng", "restore_rng", "verify_checkpoint", "CheckpointError"]
@@ -125,9 +139,12 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
 # --------------------------------------------------------------------------- verify / find
 
 
-def verify_checkpoint(path) -> dict:
+def verify_checkpoint(path, part: tuple[int, int] = (0, 1)) -> dict:
     """The parsed ``COMPLETE`` marker of a checkpoint directory; raises CheckpointError when any
-    file is missing or differs from what was written."""
+    file is missing or differs from what was written.
+
+    part: ``(i, n)`` hashes only every n-th file from the i-th on (the ranks of a distributed run
+    share the work; together they check every file)."""
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
@@ -137,7 +154,8 @@ def verify_checkpoint(path) -> dict:
         files = info["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable {MARKER} marker ({exc})") from exc
-    for name, meta in files.items():
+    i, n = part
+    for name, meta in sorted(files.items())[i::n]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: file {name} is missing")
@@ -146,8 +164,41 @@ def verify_checkpoint(path) -> dict:
     return info
 
 
+def _file_meta(root: Path, files) -> dict:
+    return {f.relative_to(root).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def _agree(fn, what: str):
+    """Run ``fn`` on every rank, then all ranks learn whether every rank succeeded (a barrier):
+    the rank that failed raises its own error, the others a CheckpointError naming it.
+    Returns the ranks' results in rank order."""
+    err, out = None, None
+    try:
+        out = fn()
+    except BaseException as exc:  # noqa: BLE001 - reported to the other ranks, then re-raised
+        err = exc
+    results = all_gather_objects((None, out) if err is None else (f"{type(err).__name__}: {err}", None))
+    if err is not None:
+        raise err
+    for rank, (why, _) in enumerate(results):
+        if why is not None:
+            raise CheckpointError(f"{what}: rank {rank} failed ({why})")
+    return [r for _, r in results]
+
+
+def _dcp_error(exc: BaseException) -> str:
+    """The first line of each rank's failure in a DCP CheckpointException."""
+    failures = getattr(exc, "_failures", None) or {}
+    parts = [f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(failures.items())]
+    return "; ".join(parts) or str(exc)
+
+
 class CheckpointManager:
-    """Saves and finds checkpoints under ``root`` (``output_dir/checkpoints``)."""
+    """Saves and finds checkpoints under ``root`` (``output_dir/checkpoints``).
+
+    ``save`` and ``restore`` are collective when a process group is initialised: every rank
+    calls them with its (DDP- or FSDP2-wrapped) model and optimizer; in one process they need none.
+    """
 
     def __init__(self, root, keep: int = 2):
         self.root = Path(root)
@@ -176,53 +227,80 @@ class CheckpointManager:
         """The newest checkpoint that verifies (older ones are tried when a newer one is damaged)."""
         return self.scan()[0]
 
-    def save(self, step: int, *, model_state: dict, optimizer_state: dict, rng_state: dict, run_state: dict,
-             config_yaml: str, ema_state: dict | None = None, export=None) -> Path:
-        """Write checkpoint ``step`` atomically and prune old ones. Returns its directory.
+    def save(self, step: int, *, model, optimizer, rng_state: dict, run_state: dict, config_yaml: str,
+             ema: dict | None = None, trainable_only: bool = False, export=None) -> Path:
+        """Write checkpoint ``step`` atomically and prune old ones (collective). Returns its directory.
 
-        export: optional ``f(directory)`` writing more files (e.g. a model's weights in its
-        library's format) into the checkpoint before it is sealed; they are hashed like the rest.
+        model, optimizer: the module as trained (plain, DDP or FSDP2) and its optimizer.
+        trainable_only: save only the parameters that train (LoRA adapters), not the frozen base.
+        ema: the EMA shadow tensors by parameter name (sharded like the parameters under FSDP2).
+        rng_state: this rank's :func:`capture_rng`. export: optional ``f(directory)`` run on rank 0
+        writing more files (e.g. a model's weights in its library's format) into the checkpoint
+        before it is sealed; they are hashed like the rest.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps()
+        rank, world = rank_and_world()
         final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp = _agree(lambda: self._new_temp(step) if rank == 0 else None, f"checkpoint step {step}")[0]
         try:
-            tmp.mkdir()
-            self._write(tmp, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state, export)
+            # every rank: its DCP shard, then the whole state gathered to rank 0 for the export
+            _agree(lambda: save_training_state(tmp / "training", model, optimizer, trainable_only=trainable_only,
+                                               ema=ema), f"checkpoint step {step}: writing the sharded state")
+            full = full_model_state(model, trainable_only=trainable_only)
+            full_ema = full_tensors(ema) if ema is not None else None
+
+            def own_files():
+                rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
+                rng_file.parent.mkdir(exist_ok=True)
+                _write_torch(rng_file, rng_state)
+                return _file_meta(tmp, [*shard_files(tmp / "training", rank), rng_file])
+
+            # the barrier: nothing is sealed before every rank has written (and hashed) its files
+            metas = _agree(own_files, f"checkpoint step {step}: writing the per-rank files")
+
+            def seal():
+                self._write(tmp, step, world, full, full_ema, run_state, config_yaml, export,
+                            {k: v for m in metas for k, v in m.items()})
+                if final.exists():  # the same step saved again (e.g. a resumed run): replace it
+                    self._discard(final)
+                os.rename(tmp, final)
+                _fsync_dir(self.root)
+                self._prune()
+
+            _agree(seal if rank == 0 else (lambda: None), f"checkpoint step {step}: sealing")
         except BaseException:  # an error or Ctrl-C mid-save: leave no half-written directory behind
-            shutil.rmtree(tmp, ignore_errors=True)
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if final.exists():  # the same step saved again (e.g. a resumed run): replace it
-            self._discard(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
-        self._prune()
         return final
 
+    def _new_temp(self, step: int) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
+        tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        return tmp
+
     @staticmethod
-    def _write(tmp: Path, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state,
-               export) -> None:
+    def _write(tmp: Path, step, world, model_state, ema_state, run_state, config_yaml, export, meta) -> None:
+        """Rank 0's files, the hashes of everything not hashed yet, then ``COMPLETE``."""
         files = {
             "model.safetensors": lambda p: _write_safetensors(p, model_state),
-            "optimizer.pt": lambda p: _write_torch(p, optimizer_state),
-            "rng.pt": lambda p: _write_torch(p, rng_state),
-            "state.json": lambda p: _write_bytes(p, json.dumps({"step": step, **run_state}, indent=1).encode()),
+            "state.json": lambda p: _write_bytes(p, json.dumps({"step": step, "world_size": world, **run_state},
+                                                               indent=1).encode()),
             "config.yaml": lambda p: _write_bytes(p, config_yaml.encode()),
         }
         if ema_state is not None:
             files["ema.safetensors"] = lambda p: _write_safetensors(p, ema_state)
-        meta = {}
         for name, write in files.items():
             write(tmp / name)
-            meta[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         if export is not None:
             export(tmp)
-            for f in sorted(q for q in tmp.rglob("*") if q.is_file()):
-                name = f.relative_to(tmp).as_posix()
-                if name not in meta:
-                    _fsync_file(f)
-                    meta[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(q for q in tmp.rglob("*") if q.is_file()):
+            name = f.relative_to(tmp).as_posix()
+            if name not in meta:  # DCP's .metadata, rank 0's files and the export
+                _fsync_file(f)
+                meta[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        _fsync_dir(tmp / "training")
         _write_bytes(tmp / MARKER, json.dumps({"step": step, "files": meta}, indent=1).encode())
         _fsync_dir(tmp)
 
@@ -246,15 +324,46 @@ class CheckpointManager:
         shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
+    def restore(path, *, model, optimizer, ema: dict | None = None, trainable_only: bool = False) -> dict:
+        """Verify checkpoint ``path`` and load it into ``model``, ``optimizer`` and ``ema`` in place
+        (collective; any number of processes, whatever the number that saved it).
+
+        Returns ``{"path", "rng", "state", "config_yaml"}``: ``rng`` is this rank's saved RNG state
+        when the world size is unchanged, else rank 0's (per-rank streams cannot be split or merged).
+        """
+        path = Path(path)
+        rank, world = rank_and_world()
+        _agree(lambda: verify_checkpoint(path, part=(rank, world)), f"checkpoint {path}")
+        state = json.loads((path / "state.json").read_text())
+        if not (path / "training").is_dir():
+            raise CheckpointError(f"checkpoint {path} has no training/ state (written by an older dancegrpo): its "
+                                  "weights load for eval and export, but it cannot resume a run")
+        try:
+            load_training_state(path / "training", model, optimizer, trainable_only=trainable_only, ema=ema)
+        except BaseException as exc:
+            if type(exc).__name__ != "CheckpointException":
+                raise
+            raise CheckpointError(f"checkpoint {path} does not fit the {'LoRA adapters of the ' if trainable_only else ''}"
+                                  f"model, optimizer or EMA built from the config (was model.*, lora.* or "
+                                  f"optim.ema_decay changed?): {_dcp_error(exc)}") from None
+        saved_world = int(state.get("world_size", 1))
+        rng_rank = rank if saved_world == world else 0
+        return {
+            "path": path,
+            "rng": torch.load(path / "rng" / f"rank_{rng_rank:05d}.pt", map_location="cpu", weights_only=True),
+            "state": state,
+            "config_yaml": (path / "config.yaml").read_text(),
+        }
+
+    @staticmethod
     def load(path) -> dict:
-        """Verify and read a checkpoint directory: model/ema state dicts, optimizer, rng, state, config."""
+        """Verify and read a checkpoint's consolidated weights for inference (one process, no
+        optimizer): ``{"path", "model", "ema" (when EMA was on), "state", "config_yaml"}``."""
         path = Path(path)
         verify_checkpoint(path)
         out = {
             "path": path,
             "model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-            "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
             "state": json.loads((path / "state.json").read_text()),
             "config_yaml": (path / "config.yaml").read_text(),
         }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -52,9 +53,7 @@ from .policy import (
     build_run_dataset,
     build_run_sampler,
     check_registered,
-    load_model_state,
     resolve_device,
-    trainable_state,
 )
 from .rollout import collect_rollout
 from .scoring import AsyncScorer, as_weighted_rewards, build_rewards, score_samples
@@ -411,25 +410,18 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes the checkpoint (shards are gathered into whole tensors first, which every
-        rank takes part in); other ranks return None."""
-        from ..distributed.parallel import consolidate
-
-        rt = self.runtime
-        model_state, optimizer_state, ema_state = consolidate(
-            (trainable_state(self.model, self.cfg.lora.enabled), self.optimizer.state_dict(),
-             self.ema.state_dict() if self.ema is not None else None))
-        if not rt.is_main:
-            return None
-        sharded = rt.distributed and self.cfg.distributed.strategy == "fsdp"
+        """Every rank writes its shard (torch.distributed.checkpoint); rank 0 the rest. Returns the
+        checkpoint's path on rank 0, None on the other ranks."""
+        sharded = self.runtime.distributed and self.cfg.distributed.strategy == "fsdp"
         path = self.checkpoints.save(
             self.step,
-            model_state=model_state,
-            optimizer_state=optimizer_state,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainable_only=self.cfg.lora.enabled,
             rng_state=capture_rng(self.generators),
             run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
             config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
-            ema_state=ema_state,
+            ema=self.ema.shadow if self.ema is not None else None,
             export=None if sharded else self._export_weights(),  # the export reads whole weights
         )
         log.info("saved checkpoint %s", path)
@@ -443,20 +435,15 @@ class Trainer:
         return lambda directory: export(directory, lora=self.cfg.lora.enabled)
 
     def _resume(self, path: Path) -> None:
-        ckpt = CheckpointManager.load(path)
-        if bool(ckpt["state"].get("lora", False)) != self.cfg.lora.enabled:
-            raise ConfigError(f"checkpoint {path} was trained with lora.enabled={ckpt['state'].get('lora')}, "
+        state = json.loads((path / "state.json").read_text())
+        if bool(state.get("lora", False)) != self.cfg.lora.enabled:
+            raise ConfigError(f"checkpoint {path} was trained with lora.enabled={state.get('lora')}, "
                               f"this run has lora.enabled={self.cfg.lora.enabled}")
-        from ..distributed.parallel import optimizer_like, shard_like
-
-        load_model_state(self.model, shard_like(ckpt["model"], trainable_state(self.model, self.cfg.lora.enabled)),
-                         self.cfg.lora.enabled, source=f"checkpoint {path}")
-        opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.optimizer.load_state_dict(shard_like(ckpt["optimizer"], optimizer_like(ckpt["optimizer"], opt_params)))
-        if self.ema is not None:
-            if "ema" not in ckpt:
-                raise ConfigError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
-            self.ema.load_state_dict(shard_like(ckpt["ema"], self.ema.state_dict()))
+        if self.ema is not None and not (path / "ema.safetensors").is_file():
+            raise ConfigError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
+        ckpt = self.checkpoints.restore(path, model=self.model, optimizer=self.optimizer,
+                                        ema=self.ema.shadow if self.ema is not None else None,
+                                        trainable_only=self.cfg.lora.enabled)
         restore_rng(ckpt["rng"], self.generators)
         self.step = int(ckpt["state"]["step"])
         self.skipped_total = int(ckpt["state"].get("skipped_total", 0))
