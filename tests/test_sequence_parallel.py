@@ -1,0 +1,166 @@
+"""Ulysses sequence parallelism over 2 gloo ranks equals the single-process computation:
+attention alone, and the whole VideoDiT forward and backward (cross and joint attention,
+RoPE, first-frame conditioning, activation checkpointing, token counts not divisible by 2).
+
+Each rank computes the single-process reference itself (same seed, same inputs) and returns
+the largest differences; fp64 so that only reduction order separates the two paths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dancegrpo.models.attention import attention
+from dancegrpo.models.config import DiTConfig
+from dancegrpo.models.dit import VideoDiT
+from tests.distributed_utils import run_ranks
+
+TOL = 1e-10
+# Gradients of norm weights and inputs are reduced over tokens inside the fp32 norms
+# (LayerNorm32, RMSNorm compute in fp32 by design): splitting the tokens changes that fp32
+# sum's order, a few fp32 ulps (measured 1.2e-7). A wrong split or reduction is off by O(1).
+GRAD_TOL = 1e-6
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- attention
+def _attention_rank(rank, world, n_tokens):
+    from dancegrpo.distributed.sequence_parallel import SequenceParallel
+
+    g = torch.Generator().manual_seed(0)
+    b, h, d = 2, 4, 8
+    q, k, v, w = (torch.randn(b, n_tokens, h, d, generator=g, dtype=torch.float64) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ref = attention(q, k, v, backend="sdpa")
+    (ref * w).sum().backward()
+    ref_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+
+    shard = SequenceParallel().shard(n_tokens)
+    ql, kl, vl = (shard.to_heads(shard.split(t)) for t in (q, k, v))
+    assert ql.shape == (b, shard.padded, h // world, d)
+    out = shard.to_tokens(attention(ql, kl, vl, shard.key_mask(b, q.device), backend="sdpa"))
+    full = shard.gather(out)
+    (full * w).sum().backward()
+    # Input gradients are partial per rank (each rank's tokens): sum them over the group.
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for gr in grads:
+        torch.distributed.all_reduce(gr)
+    valid = min(shard.local, n_tokens - shard.start)  # rank 1's last row is padding when n is odd
+    return (_max_diff(full, ref), _max_diff(out[:, :valid], ref[:, shard.start:shard.start + valid]),
+            max(_max_diff(a, r) for a, r in zip(grads, ref_grads, strict=True)))
+
+
+@pytest.mark.parametrize("n_tokens", [8, 7])
+def test_sequence_parallel_attention_equals_single_process(n_tokens):
+    for out_err, local_err, grad_err in run_ranks(_attention_rank, 2, n_tokens):
+        assert out_err < TOL and local_err < TOL and grad_err < TOL
+
+
+# ----------------------------------------------------------------------------- the DiT
+CASES = {
+    # cross-attention to padded text, RoPE, first-frame conditioning, every block checkpointed,
+    # 3 x 3 x 3 = 27 tokens (odd: one padding token on rank 1)
+    "cross_i2v_ckpt_odd": (dict(in_channels=3, patch_size=(1, 2, 2), hidden_size=48, depth=2, num_heads=4,
+                                text_dim=16, image_condition=True, checkpointing="full", absolute_pos=True,
+                                frame_embedding=4),
+                           (3, 6, 6)),
+    # MM-DiT joint attention (text stream gathered over heads), shared modulation, 2 x 3 x 2 = 12 tokens
+    "joint_even": (dict(in_channels=4, patch_size=(1, 2, 2), hidden_size=48, depth=3, num_heads=4,
+                        text_dim=16, joint_attention=True, modulation="shared"),
+                   (2, 6, 4)),
+    # joint attention, 5 frames x 1 x 3 = 15 tokens (odd), selective checkpointing
+    "joint_odd_ckpt": (dict(in_channels=4, patch_size=(1, 2, 2), hidden_size=48, depth=2, num_heads=2,
+                            text_dim=16, joint_attention=True, checkpointing="selective", checkpoint_every=1),
+                       (5, 2, 6)),
+}
+
+
+def _randomise(model, seed):
+    # The DiT zero-initialises its gates and output layer; random weights make every path count.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+
+
+def _dit_rank(rank, world, case):
+    from dancegrpo.distributed.sequence_parallel import all_reduce_grads
+
+    kwargs, (t, hh, ww) = CASES[case]
+    cfg = DiTConfig(**kwargs, attention_backend="sdpa")
+    model = VideoDiT(cfg).double().train()
+    _randomise(model, 1)
+    g = torch.Generator().manual_seed(2)
+    b, length = 2, 5
+    x = torch.randn(b, cfg.in_channels, t, hh, ww, generator=g, dtype=torch.float64)
+    text = torch.randn(b, length, cfg.text_dim, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * length, [True, True, True, False, False]])
+    timestep = torch.tensor([250.0, 800.0], dtype=torch.float64)
+    first = torch.randn(b, cfg.in_channels, hh, ww, generator=g, dtype=torch.float64) if cfg.image_condition else None
+    w = torch.randn(b, cfg.output_channels, t, hh, ww, generator=g, dtype=torch.float64)
+    inputs = [x, text] + ([first] if first is not None else [])
+
+    def run():
+        for p in list(model.parameters()) + inputs:
+            p.grad = None
+        for i in inputs:
+            i.requires_grad_()
+        out = model(x, timestep, text, text_mask=mask, first_frame=first)
+        (out * w).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, [i.grad.clone() for i in inputs]
+
+    ref_out, ref_params, ref_inputs = run()
+    model.set_sequence_parallel(torch.distributed.group.WORLD)
+    assert model.sequence_parallel is not None and model.sequence_parallel.size == world
+    out, _, _ = run()
+    all_reduce_grads(model.parameters())
+    params = {n: p.grad for n, p in model.named_parameters()}
+    input_grads = [i.grad.clone() for i in inputs]
+    for gr in input_grads:
+        torch.distributed.all_reduce(gr)
+    scale = max(ref_out.abs().max().item(), 1.0)
+    param_err = max(_max_diff(params[n], ref_params[n]) / max(ref_params[n].abs().max().item(), 1.0)
+                    for n in ref_params)
+    input_err = max(_max_diff(a, r) / max(r.abs().max().item(), 1.0)
+                    for a, r in zip(input_grads, ref_inputs, strict=True))
+    nonzero = sum(int(gr.abs().max() > 0) for gr in ref_params.values())
+    model.set_sequence_parallel(None)
+    return _max_diff(out, ref_out) / scale, param_err, input_err, nonzero, len(ref_params)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sequence_parallel_dit_forward_backward_equals_single_process(case):
+    results = run_ranks(_dit_rank, 2, case)
+    for out_err, param_err, input_err, nonzero, total in results:
+        assert nonzero == total  # every parameter has a gradient to compare
+        assert out_err < TOL, out_err
+        assert param_err < GRAD_TOL, param_err
+        assert input_err < GRAD_TOL, input_err
+
+
+def _heads_rank(rank, world):
+    model = VideoDiT(DiTConfig(hidden_size=36, num_heads=3, depth=1))
+    try:
+        model.set_sequence_parallel(torch.distributed.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_heads_not_divisible_by_degree_is_one_line_error():
+    for msg in run_ranks(_heads_rank, 2):
+        assert msg == ("set_sequence_parallel: num_heads (3) must be divisible by the "
+                       "sequence-parallel degree (2)")
+
+
+def test_sequence_parallel_needs_an_initialised_process_group():
+    from dancegrpo.distributed.sequence_parallel import SequenceParallel
+
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        SequenceParallel()
