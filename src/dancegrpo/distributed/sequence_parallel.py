@@ -20,6 +20,10 @@ all-reduced with SUM over the group (``all_reduce_grads``). The model's output i
 on every rank; the gradient arriving at it must be the same on every rank (one loss computed
 identically everywhere), and each rank takes its own tokens' slice of it.
 
+Diffusers transformers that ship a context-parallel plan (``_cp_plan``: Wan, and in diffusers
+0.42 also FLUX, Qwen-Image, LTX...) use diffusers' own Ulysses attention
+(``enable_diffusers_sequence_parallel``); its gradients follow the same convention.
+
 Under data parallelism over W ranks of which groups of k share a sample, a gradient average
 over all W ranks (DDP, FSDP) gives 1/k of the data-parallel mean: scale the loss by k.
 """
@@ -29,7 +33,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["SequenceParallel", "TokenShard", "all_to_all", "all_reduce_grads", "sequence_parallel_group"]
+__all__ = ["SequenceParallel", "TokenShard", "all_to_all", "all_reduce_grads", "sequence_parallel_group",
+           "apply_sequence_parallel", "enable_diffusers_sequence_parallel"]
 
 
 def _world(group) -> int:
@@ -207,3 +212,83 @@ def all_reduce_grads(params, group=None) -> None:
         for g in gs:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def _sp_mesh(k: int):
+    """A (world / k, 1, k) device mesh whose "ulysses" rows are ``sequence_parallel_group``'s
+    groups (consecutive ranks), the layout diffusers' context parallelism reads."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (world // k, 1, k), mesh_dim_names=("sp_replicas", "ring", "ulysses"))
+
+
+def enable_diffusers_sequence_parallel(transformer, k: int, mesh=None) -> None:
+    """Ulysses sequence parallelism of degree k for a diffusers transformer with a
+    context-parallel plan, through ``enable_parallelism(ContextParallelConfig(ulysses_degree=k))``.
+
+    The video token count of every forward must be divisible by k (checked before each forward:
+    diffusers' uneven mode needs uneven all-gathers, which gloo lacks). mesh: a DeviceMesh with
+    "ring" (size 1) and "ulysses" (size k) dimensions; default ``_sp_mesh(k)``.
+    """
+    from diffusers import ContextParallelConfig
+
+    name = type(transformer).__name__
+    if getattr(transformer, "_cp_plan", None) is None:
+        raise ValueError(f"sequence_parallel: {name} has no context-parallel plan in this diffusers "
+                         "version; sequence parallelism supports our VideoDiT and diffusers models with one (Wan)")
+    heads = transformer.config.num_attention_heads
+    if heads % k:
+        raise ValueError(f"sequence_parallel: {name} has {heads} attention heads, not divisible by the "
+                         f"sequence-parallel degree {k}")
+    patch = tuple(transformer.config.patch_size)
+
+    def check_tokens(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        n = 1
+        for size, p in zip(x.shape[2:], patch, strict=True):
+            n *= size // p
+        if n % k:
+            raise ValueError(f"sequence_parallel: {name} gets {n} video tokens per sample, not divisible by "
+                             f"the sequence-parallel degree {k} (choose frames / size so that it is)")
+
+    config = ContextParallelConfig(ulysses_degree=k, mesh=mesh if mesh is not None else _sp_mesh(k))
+    if torch.accelerator.device_count() == 0:
+        # diffusers 0.42 picks the rank's device as rank % torch.accelerator.device_count(),
+        # a division by zero on a CPU-only machine; the device it records is unused on CPU.
+        real = torch.accelerator.device_count
+        torch.accelerator.device_count = lambda: 1
+        try:
+            transformer.enable_parallelism(config=config)
+        finally:
+            torch.accelerator.device_count = real
+    else:
+        transformer.enable_parallelism(config=config)
+    transformer.register_forward_pre_hook(check_tokens, with_kwargs=True)
+
+
+def apply_sequence_parallel(model, k: int, group=None) -> int:
+    """Turn on sequence parallelism of degree k in every transformer inside ``model``: our
+    ``VideoDiT`` (``set_sequence_parallel(group)``; default group: ``sequence_parallel_group(k)``)
+    and diffusers transformers with a context-parallel plan. Returns how many were found; a
+    model with none raises (sequence_parallel > 1 would otherwise silently do nothing)."""
+    if k == 1:
+        return 0
+    from ..models.dit import VideoDiT
+
+    found = 0
+    for m in list(model.modules()):
+        if isinstance(m, VideoDiT):
+            if group is None:
+                group = sequence_parallel_group(k)
+            m.set_sequence_parallel(group)
+            found += 1
+        elif hasattr(m, "enable_parallelism") and getattr(getattr(m, "config", None), "num_attention_heads", None):
+            # a diffusers transformer (VAEs and text encoders have no attention-head config here)
+            enable_diffusers_sequence_parallel(m, k)
+            found += 1
+    if not found:
+        raise ValueError(f"sequence_parallel: {type(model).__name__} contains no transformer that supports "
+                         "sequence parallelism (our VideoDiT, or a diffusers model with a context-parallel plan)")
+    return found
