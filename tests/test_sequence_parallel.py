@@ -8,6 +8,8 @@ the largest differences; fp64 so that only reduction order separates the two pat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -237,3 +239,33 @@ def test_sequence_parallel_diffusers_model_without_plan_is_one_line_error():
         assert msg == ("sequence_parallel: HunyuanVideoTransformer3DModel has no context-parallel plan in this "
                        "diffusers version; sequence parallelism supports our VideoDiT and diffusers models with "
                        "one (Wan)")
+
+
+# ----------------------------------------------------------------------------- shipped config
+SP_CONFIG = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs" / "shapes_t2v_sp.yaml"
+
+
+def _config_model_rank(rank, world):
+    import yaml
+
+    from dancegrpo.distributed.sequence_parallel import apply_sequence_parallel
+    from dancegrpo.registry import build_model
+
+    raw = yaml.safe_load(SP_CONFIG.read_text())
+    k = raw["distributed"]["sequence_parallel"]
+    policy = build_model(raw["model"]["name"], **raw["model"]["kwargs"]).double().eval()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, *policy.latent_shape(), generator=g, dtype=torch.float64)
+    timesteps = torch.tensor([300.0, 700.0], dtype=torch.float64)
+    with torch.no_grad():
+        cond = policy.encode_prompts(["a red circle moves left", "two blue squares"])
+        ref = policy.predict(latents, timesteps, cond)
+        assert apply_sequence_parallel(policy, k) == 1
+        out = policy.predict(latents, timesteps, cond)
+    return k, policy.dit.sequence_parallel.size, _max_diff(out, ref) / max(ref.abs().max().item(), 1.0)
+
+
+def test_shipped_sequence_parallel_config_model_honours_the_degree():
+    for k, size, err in run_ranks(_config_model_rank, 2):
+        assert k == size == 2
+        assert err < TOL, err
