@@ -269,3 +269,12 @@ def test_shipped_sequence_parallel_config_model_honours_the_degree():
     for k, size, err in run_ranks(_config_model_rank, 2):
         assert k == size == 2
         assert err < TOL, err
+
+
+def test_apply_sequence_parallel_without_a_transformer_is_one_line_error():
+    from dancegrpo.distributed.sequence_parallel import apply_sequence_parallel
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert apply_sequence_parallel(model, 1) == 0
+    with pytest.raises(ValueError, match=r"^sequence_parallel: Sequential contains no transformer that supports"):
+        apply_sequence_parallel(model, 2)

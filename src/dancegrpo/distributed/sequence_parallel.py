@@ -183,19 +183,25 @@ class SequenceParallel:
         return f"SequenceParallel(rank={self.rank}, size={self.size})"
 
 
+_GROUPS: dict = {}  # (kind, k, world, default group) -> this rank's group or mesh, made once
+
+
 def sequence_parallel_group(k: int):
     """Split the world into consecutive groups of k ranks ([0..k-1], [k..2k-1], ...) and return
-    this rank's group. Every rank must call it (``new_group`` is collective)."""
+    this rank's group (torchrun numbers a node's processes consecutively, so a group stays on
+    one node when k divides the processes per node). Every rank must call it (``new_group`` is
+    collective); later calls return the same group."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or world % k:
         raise ValueError(f"sequence_parallel must be a positive int dividing the number of processes "
                          f"({world}), got {k!r}")
-    mine = None
-    for first in range(0, world, k):
-        g = dist.new_group(list(range(first, first + k)))
-        if first <= rank < first + k:
-            mine = g
-    return mine
+    key = ("group", k, world, id(dist.group.WORLD))  # a re-initialised world gets new groups
+    if key not in _GROUPS:
+        for first in range(0, world, k):
+            g = dist.new_group(list(range(first, first + k)))
+            if first <= rank < first + k:
+                _GROUPS[key] = g
+    return _GROUPS[key]
 
 
 def all_reduce_grads(params, group=None) -> None:
@@ -220,8 +226,11 @@ def _sp_mesh(k: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device, (world // k, 1, k), mesh_dim_names=("sp_replicas", "ring", "ulysses"))
+    key = ("mesh", k, world, id(dist.group.WORLD))
+    if key not in _GROUPS:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _GROUPS[key] = init_device_mesh(device, (world // k, 1, k), mesh_dim_names=("sp_replicas", "ring", "ulysses"))
+    return _GROUPS[key]
 
 
 def enable_diffusers_sequence_parallel(transformer, k: int, mesh=None) -> None:
