@@ -169,15 +169,19 @@ def test_sequence_parallel_needs_an_initialised_process_group():
 
 
 # ----------------------------------------------------------------------------- diffusers Wan
-def _wan_rank(rank, world, grid):
+def _wan_rank(rank, world, grid, i2v=False):
     from dancegrpo.distributed.sequence_parallel import all_reduce_grads, apply_sequence_parallel
     from tests.diffusers_fixtures import _wan_parts
 
-    model = _wan_parts(16, None)["transformer"].double().train()
+    # I2V (as the wan_i2v fixture): 36 input channels, CLIP image tokens with their own keys and
+    # values; its attention takes the last 512 context tokens as the text
+    parts = _wan_parts(36, 4, added_kv_proj_dim=24) if i2v else _wan_parts(16, None)
+    model = parts["transformer"].double().train()
     _randomise(model, 1)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 16, *grid, generator=g, dtype=torch.float64)
-    text = torch.randn(2, 6, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 36 if i2v else 16, *grid, generator=g, dtype=torch.float64)
+    text = torch.randn(2, 512 if i2v else 6, 32, generator=g, dtype=torch.float64)
+    image = torch.randn(2, 5, 4, generator=g, dtype=torch.float64) if i2v else None
     timestep = torch.tensor([250.0, 800.0], dtype=torch.float64)
     w = torch.randn(2, 16, *grid, generator=g, dtype=torch.float64)
 
@@ -185,7 +189,7 @@ def _wan_rank(rank, world, grid):
         model.zero_grad(set_to_none=True)
         x.grad = None
         x.requires_grad_()
-        out = model(x, timestep, text, return_dict=False)[0]
+        out = model(x, timestep, text, encoder_hidden_states_image=image, return_dict=False)[0]
         (out * w).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, x.grad.clone()
 
@@ -204,9 +208,10 @@ def _wan_rank(rank, world, grid):
             _max_diff(x_grad, ref_x) / max(ref_x.abs().max().item(), 1.0))
 
 
-def test_sequence_parallel_wan_through_diffusers_context_parallel_equals_single_process():
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_sequence_parallel_wan_through_diffusers_context_parallel_equals_single_process(i2v):
     # (T, H, W) latent (2, 4, 4) -> 2 x 2 x 2 = 8 tokens of 1x2x2 patches, 4 per rank
-    for out_err, param_err, input_err in run_ranks(_wan_rank, 2, (2, 4, 4)):
+    for out_err, param_err, input_err in run_ranks(_wan_rank, 2, (2, 4, 4), i2v):
         assert out_err < TOL, out_err
         assert param_err < GRAD_TOL, param_err
         assert input_err < GRAD_TOL, input_err
