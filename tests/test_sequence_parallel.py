@@ -8,6 +8,7 @@ the largest differences; fp64 so that only reduction order separates the two pat
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -267,7 +268,11 @@ def _config_model_rank(rank, world):
         ref = policy.predict(latents, timesteps, cond)
         assert apply_sequence_parallel(policy, k) == 1
         out = policy.predict(latents, timesteps, cond)
-    return k, policy.dit.sequence_parallel.size, _max_diff(out, ref) / max(ref.abs().max().item(), 1.0)
+        copied = copy.deepcopy(policy)  # an EMA or KL-reference copy keeps the group handle
+        assert copied.dit.sequence_parallel is policy.dit.sequence_parallel
+        out_copy = copied.predict(latents, timesteps, cond)
+    return k, policy.dit.sequence_parallel.size, max(_max_diff(o, ref) / max(ref.abs().max().item(), 1.0)
+                                                     for o in (out, out_copy))
 
 
 def test_shipped_sequence_parallel_config_model_honours_the_degree():

@@ -182,6 +182,10 @@ class SequenceParallel:
     def __repr__(self):
         return f"SequenceParallel(rank={self.rank}, size={self.size})"
 
+    def __deepcopy__(self, memo):
+        # A handle to a communicator: a copied model (EMA, KL reference) shares it.
+        return self
+
 
 _GROUPS: dict = {}  # (kind, k, world, default group) -> this rank's group or mesh, made once
 
