@@ -43,13 +43,14 @@ def _train(rank, world, out, overrides, config="toy", base=BASE):
         trainer = Trainer(load_config(CONFIGS / f"{config}.yaml", [f"output_dir={out}", *base, *overrides]))
         sharded = any(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
         units = sum(type(m).__name__.startswith("FSDP") for m in trainer.model.modules())
+        split = sum(getattr(m, "sequence_parallel", None) is not None for m in trainer.model.modules())
         history = trainer.train()
         weights = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()  # every rank: whole
                    for k, v in trainer.model.state_dict().items()}
     finally:
         loop.group_advantages = original
     return _bytes({"history": history, "seen": seen, "weights": weights, "sharded": sharded,
-                   "units": units})
+                   "units": units, "split": split})
 
 
 def _bytes(obj) -> bytes:
@@ -267,3 +268,15 @@ def test_shipped_sharded_flux_config_runs_on_two_processes(tmp_path, tmp_path_fa
     assert blocks >= 2 and units == blocks + 1  # each FLUX block, then the transformer
     assert steps == 2 and skipped == 0 and loss == loss
     assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sequence_parallel_run_reproduces_the_one_process_run(strategy, tmp_path_factory):
+    # both ranks are one data-parallel slot: each video's tokens are split over them
+    one = _ranks(1, str(tmp_path_factory.mktemp("a")), ["distributed.sequence_parallel=1"], "shapes_t2v_sp", SHAPES)[0]
+    out = tmp_path_factory.mktemp("b")
+    two = _ranks(2, str(out), [f"distributed.strategy={strategy}"], "shapes_t2v_sp", SHAPES)
+    assert one["split"] == 0 and two[0]["split"] == two[1]["split"] == 1  # the DiT runs sequence-parallel
+    _compare(one, two[0], batch=4)
+    _compare(one, two[1], batch=4)
+    assert (out / "samples" / "step_000002.gif").is_file()

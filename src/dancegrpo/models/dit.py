@@ -16,6 +16,9 @@ than Wan's frame-0-only placement) puts the reference appearance in every token'
 so even a tiny model with local patch embeddings sees, at each frame, what was at that place at
 t = 0; the flag tells it which frame must reproduce the condition exactly.
 
+Sequence parallelism (``set_sequence_parallel``) splits the tokens over a process group's
+ranks with all-to-all attention (``dancegrpo.distributed.sequence_parallel``).
+
 Activation checkpointing (``set_checkpointing``) recomputes chosen blocks in backward with
 non-reentrant ``torch.utils.checkpoint``; it only acts in training mode with grad enabled.
 """
@@ -80,6 +83,7 @@ class VideoDiT(nn.Module):
         self.final = FinalLayer(hid, cfg.output_channels * pt * ph * pw)
         self._init_weights()
         self.set_checkpointing(cfg.checkpointing, cfg.checkpoint_every)
+        self._sp = None
 
     # ------------------------------------------------------------------ setup
     def _init_weights(self):
@@ -114,6 +118,26 @@ class VideoDiT(nn.Module):
         if backend not in BACKEND_NAMES:
             raise ValueError(f"set_attention_backend: backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
         self.config.attention_backend = backend
+
+    def set_sequence_parallel(self, group) -> None:
+        """Split every forward's video tokens over the ranks of ``group`` (a process group, a
+        ``SequenceParallel``, or None to stop): Ulysses all-to-all attention, the output
+        gathered on every rank. Every rank of the group must call forward with the same
+        inputs. Parameter gradients are then partial per rank: sum them over the group
+        (``dancegrpo.distributed.sequence_parallel.all_reduce_grads``)."""
+        if group is None:
+            self._sp = None
+            return
+        from ..distributed.sequence_parallel import SequenceParallel
+
+        sp = group if isinstance(group, SequenceParallel) else SequenceParallel(group)
+        sp.check_heads(self.config.num_heads, "set_sequence_parallel")
+        self._sp = sp if sp.size > 1 else None
+
+    @property
+    def sequence_parallel(self):
+        """The ``SequenceParallel`` handle in use, or None."""
+        return self._sp
 
     def checkpointed_blocks(self) -> list[int]:
         """Indices of the blocks the current mode recomputes in backward."""
@@ -234,6 +258,10 @@ class VideoDiT(nn.Module):
             shared, shared_text = shared[:, :MOD_ATTN_MLP], shared[:, MOD_ATTN_MLP:]
         rope = rope_freqs(grid, cfg.head_dim, cfg.rope_theta, device=x.device)
         backend = cfg.attention_backend
+        shard = None
+        if self._sp is not None:  # this rank's tokens and their RoPE rows (padding: identity)
+            shard = self._sp.shard(tokens.shape[1])
+            tokens, rope = shard.split(tokens), shard.split(rope, dim=0, fill=1)
 
         recompute = set(self.checkpointed_blocks()) if self.training and torch.is_grad_enabled() else set()
         for i, block in enumerate(self.blocks):
@@ -242,10 +270,13 @@ class VideoDiT(nn.Module):
                 def run(*args, _block=block):
                     return checkpoint(_block, *args, use_reentrant=False)
             if cfg.joint_attention:
-                tokens, ctx = run(tokens, ctx, c_act, shared, shared_text, text_mask, rope, backend)
+                tokens, ctx = run(tokens, ctx, c_act, shared, shared_text, text_mask, rope, backend, shard)
             else:
-                tokens = run(tokens, c_act, shared, ctx, text_mask, rope, backend)
-        out = self._unpatchify(self.final(tokens, c_act), grid)
+                tokens = run(tokens, c_act, shared, ctx, text_mask, rope, backend, shard)
+        patches = self.final(tokens, c_act)
+        if shard is not None:
+            patches = shard.gather(patches)
+        out = self._unpatchify(patches, grid)
         return (out[:, :, 0] if x.dim() == 4 else out).to(x.dtype)
 
     # ------------------------------------------------------------------ files

@@ -136,10 +136,16 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(hidden // heads, qk_norm)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x, rope, backend):
+    def forward(self, x, rope, backend, sp=None):
+        """sp: a ``TokenShard`` when the sequence is split over ranks (x holds this rank's
+        tokens, rope their rows): all-to-all to all tokens x this rank's heads and back."""
         q, k, v = _heads(self.qkv(x), 3, self.heads)
         q, k = apply_rope(self.norm.q(q), rope), apply_rope(self.norm.k(k), rope)
-        return self.proj(attention(q, k, v, None, backend).flatten(2))
+        if sp is None:
+            return self.proj(attention(q, k, v, None, backend).flatten(2))
+        q, k, v = sp.to_heads(q), sp.to_heads(k), sp.to_heads(v)
+        out = attention(q, k, v, sp.key_mask(q.shape[0], q.device), backend)
+        return self.proj(sp.to_tokens(out).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -183,9 +189,9 @@ class CrossBlock(nn.Module):
         self.norm2 = LayerNorm32(hidden, eps=1e-6, elementwise_affine=False)
         self.mlp = MLP(hidden, int(hidden * mlp_ratio))
 
-    def forward(self, x, c_act, shared, text, text_mask, rope, backend):
+    def forward(self, x, c_act, shared, text, text_mask, rope, backend, sp=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.mod(c_act, shared).unbind(1)
-        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope, backend)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope, backend, sp)
         x = x + self.cross(self.norm_cross(x), text, text_mask, backend)
         x = x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
         return x
@@ -195,7 +201,9 @@ class JointBlock(nn.Module):
     """MM-DiT block (SD3): video and text streams with their own weights and modulation,
     one attention over the concatenated tokens [video; text] with padded text masked out.
 
-    RoPE rotates only the video tokens. The last block's text output is never used, so its
+    RoPE rotates only the video tokens. Sequence-parallel (``sp``, a ``TokenShard``): the
+    video q, k, v go all-to-all to all tokens x this rank's heads, the replicated text stream
+    contributes the same heads, and the text output is gathered back to all heads. The last block's text output is never used, so its
     text stream keeps only what the video needs (keys and values), which leaves no parameter
     without a gradient (DDP's unused-parameter error).
     """
@@ -222,32 +230,43 @@ class JointBlock(nn.Module):
             self.text_norm2 = LayerNorm32(hidden, eps=1e-6, elementwise_affine=False)
             self.text_mlp = MLP(hidden, int(hidden * mlp_ratio))
 
-    def forward(self, x, text, c_act, shared, shared_text, text_mask, rope, backend):
-        n = x.shape[1]
+    def forward(self, x, text, c_act, shared, shared_text, text_mask, rope, backend, sp=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.mod(c_act, shared).unbind(1)
         q, k, v = _heads(self.qkv(modulate(self.norm1(x), sh1, sc1)), 3, self.heads)
         q, k = apply_rope(self.qk_norm.q(q), rope), apply_rope(self.qk_norm.k(k), rope)
+        heads = (lambda t: t) if sp is None else sp.head_slice
+        video_mask = None
+        if sp is not None:
+            q, k, v = sp.to_heads(q), sp.to_heads(k), sp.to_heads(v)
+            video_mask = sp.key_mask(x.shape[0], x.device)
+        n = q.shape[1]
 
         tmod = self.text_mod(c_act, shared_text).unbind(1)
         th = modulate(self.text_norm1(text), tmod[0], tmod[1])
         if self.text_out:
             tq, tk, tv = _heads(self.text_qkv(th), 3, self.heads)
-            q = torch.cat([q, self.text_qk_norm.q(tq).to(q.dtype)], dim=1)
+            q = torch.cat([q, heads(self.text_qk_norm.q(tq)).to(q.dtype)], dim=1)
         else:
             tk, tv = _heads(self.text_qkv(th), 2, self.heads)
-        k = torch.cat([k, self.text_qk_norm.k(tk).to(k.dtype)], dim=1)
-        v = torch.cat([v, tv.to(v.dtype)], dim=1)
+        k = torch.cat([k, heads(self.text_qk_norm.k(tk)).to(k.dtype)], dim=1)
+        v = torch.cat([v, heads(tv).to(v.dtype)], dim=1)
         mask = None
-        if text_mask is not None:
-            mask = torch.cat([text_mask.new_ones(x.shape[0], n), text_mask], dim=1)
-        out = attention(q, k, v, mask, backend).flatten(2)
+        if text_mask is not None or video_mask is not None:
+            b, nt = x.shape[0], text.shape[1]
+            mask = torch.cat([video_mask if video_mask is not None else q.new_ones(b, n, dtype=torch.bool),
+                              text_mask if text_mask is not None else q.new_ones(b, nt, dtype=torch.bool)], dim=1)
+        out = attention(q, k, v, mask, backend)
+        video_out, text_out = out[:, :n], out[:, n:]
+        if sp is not None:
+            video_out = sp.to_tokens(video_out)
+            text_out = sp.gather_heads(text_out) if self.text_out else None
 
-        x = x + g1[:, None] * self.proj(out[:, :n])
+        x = x + g1[:, None] * self.proj(video_out.flatten(2))
         x = x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
         if not self.text_out:
             return x, None
         _, _, tg1, tsh2, tsc2, tg2 = tmod
-        text = text + tg1[:, None] * self.text_proj(out[:, n:])
+        text = text + tg1[:, None] * self.text_proj(text_out.flatten(2))
         text = text + tg2[:, None] * self.text_mlp(modulate(self.text_norm2(text), tsh2, tsc2))
         return x, text
 

@@ -161,6 +161,12 @@ class Trainer:
         params = lambda m: [p for p in m.parameters() if p.requires_grad]
         if not rt.distributed:
             return model, ref, GradSync(rt, params(model))
+        if rt.sequence_parallel > 1:  # before wrapping: it installs the all-to-all in the blocks
+            from ..distributed.sequence_parallel import apply_sequence_parallel
+
+            apply_sequence_parallel(model, rt.sequence_parallel)
+            if ref is not None and getattr(ref, "module", None) is not None:
+                apply_sequence_parallel(ref.module, rt.sequence_parallel)
         if d.strategy == "fsdp":
             model, ref = shard_policy(model, ref, rt, self.cfg.mixed_precision, d.reference)
             return model, ref, GradSync(rt, params(model), lockstep=True)
@@ -389,8 +395,10 @@ class Trainer:
     def save_samples(self) -> Path | None:
         """A grid of the fixed prompts (PNG, or GIF for video) in ``output_dir/samples``."""
         n, rt = self.cfg.log.num_sample_prompts, self.runtime
-        # a sharded model needs every rank in its forwards; a replicated one only rank 0
-        if n <= 0 or not (rt.is_main or self.cfg.distributed.strategy == "fsdp"):
+        # a sharded or sequence-parallel model needs every rank in its forwards; a replicated one
+        # only rank 0
+        together = self.cfg.distributed.strategy == "fsdp" or rt.sequence_parallel > 1
+        if n <= 0 or not (rt.is_main or together):
             return None
         items = self.dataset.fixed(n)
         e = self.cfg.eval
