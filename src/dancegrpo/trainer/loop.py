@@ -53,6 +53,7 @@ from .policy import (
 from .rollout import collect_rollout
 from .scoring import as_weighted_rewards, build_rewards, score_samples
 from .timesteps import TimestepSelector
+from .tree_rollout import tree_train_step
 from .update import Updater
 
 __all__ = ["Trainer", "train", "select_best_of_k", "RUN_OUTPUTS"]
@@ -181,6 +182,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, P, G = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size
+        if cfg.rollout.tree is not None:  # BranchGRPO: tree rollouts, depth-wise advantages per edge
+            return tree_train_step(self)
         t0 = time.perf_counter()
         # 1. rollouts: G samples of each of P prompts, noise shared within a group
         items = self.dataset.sample(P, generator=self.generators["data"])
