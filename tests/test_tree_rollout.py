@@ -1,6 +1,7 @@
 """BranchGRPO tree rollouts: shared prefixes, the flat equivalence, depth-wise advantages, pruning,
 the ratio at the first update, model-call counts, config checks and a shapes run."""
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from dancegrpo import group_advantages, step_logprob
 from dancegrpo.coeffs import StepCoeffs
 from dancegrpo.samplers import FlowSampler
-from dancegrpo.trainer import Trainer, load_config
+from dancegrpo.trainer import load_config
 from dancegrpo.trainer.config import ConfigError
 from dancegrpo.trainer.rollout import collect_rollout
 from dancegrpo.trainer.tree_rollout import (
@@ -217,7 +218,7 @@ def test_ratio_is_one_at_the_first_update_and_the_update_moves_the_weights(seed)
         stats = updater.run(train, edge_adv, torch.zeros((train.batch, 1), dtype=torch.long),
                             torch.Generator().manual_seed(seed))
     assert stats.first_ratios and all(abs(r - 1) < 1e-5 for r in stats.first_ratios)
-    assert stats.optimizer_steps > 0 and any(not torch.equal(a, p) for a, p in zip(before, params))
+    assert stats.optimizer_steps > 0 and any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
 
 
 class CountingToy(torch.nn.Module):
@@ -271,8 +272,6 @@ def test_shapes_branchgrpo_config_trains_through_the_cli(tmp_path):
                "log.progress=false", "log.num_sample_prompts=0", "log.sample_every=0", "checkpoint_every=0",
                "rollout.prompts_per_step=2"])
     assert rc == 0
-    import json
-
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
