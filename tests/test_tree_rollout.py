@@ -13,7 +13,7 @@ from dancegrpo import group_advantages, step_logprob
 from dancegrpo.coeffs import StepCoeffs
 from dancegrpo.samplers import FlowSampler
 from dancegrpo.trainer import load_config
-from dancegrpo.trainer.config import ConfigError
+from dancegrpo.trainer.config import ConfigError, save_config
 from dancegrpo.trainer.rollout import collect_rollout
 from dancegrpo.trainer.tree_rollout import (
     TreeRollout,
@@ -249,6 +249,8 @@ def test_tree_config_is_checked_with_one_line_errors(tmp_path):
     base = [f"output_dir={tmp_path}", "rollout.group_size=8", "sampler.num_steps=8"]
     cfg = load_config(CONFIGS / "toy.yaml", [*base, "rollout.tree={branch_steps: [0, 2, 4], branch_factor: 2}"])
     assert cfg.rollout.tree.branch_steps == [0, 2, 4] and cfg.rollout.tree.width_keep == 0
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
     assert load_config(CONFIGS / "toy.yaml", base).rollout.tree is None
     bad = {
         "rollout.tree.branch_steps=[0, 2]": r"rollout.tree.branch_factor must be such that branch_factor \*\* "
