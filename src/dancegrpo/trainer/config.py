@@ -64,6 +64,19 @@ class SamplerConfig:
 
 
 @dataclass
+class TreeConfig:
+    """BranchGRPO tree rollouts (trainer/tree_rollout.py, docs/algorithms_branchgrpo.md)."""
+    branch_steps: list[int] = field(default_factory=lambda: [0, 3, 6])  # sampler steps where nodes branch
+    branch_factor: int = 2         # children per branch; branch_factor ** len(branch_steps) = group_size
+    noise_scale: float = 1.0       # std multiplier of the branch steps' noise (4.0 in BranchGRPO's script)
+    fusion: str = "mean"           # node reward from its leaves: mean | prob (softmax of child log-probs)
+    prune_steps: list[int] = field(default_factory=list)  # depth pruning: steps whose edges are not trained
+    prune_slide_every: int = 0     # > 0: the pruned window moves one step earlier every that many iterations
+    prune_stop: int | None = None  # the window's first step never goes below this (default: last branch + 1)
+    width_keep: int = 0            # > 0: below the last branch train only each tree's k best and k worst leaves
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = 1      # P prompts per iteration
     group_size: int = 12           # G samples per prompt (12 FLUX, 24 HunyuanVideo, 16 SD, 8 SkyReels)
@@ -72,6 +85,7 @@ class RolloutConfig:
     store_on_cpu: bool = False     # keep trajectories in host memory (saves accelerator memory)
     decode: str = "x0"             # x0 (DanceGRPO: last step's clean prediction) | final
     async_rewards: bool = False    # score chunk k (of batch_size) in a thread while chunk k+1 rolls out
+    tree: TreeConfig | None = None  # BranchGRPO: roll the group out as a tree (null: flat rollouts)
 
 
 @dataclass
@@ -464,6 +478,10 @@ def _validate(cfg: TrainConfig) -> None:
     pos_int("advantage.best_of_k", a.best_of_k, 0)
     need(2 * a.best_of_k <= r.group_size, "advantage.best_of_k", f"<= group_size / 2 = {r.group_size // 2}",
          a.best_of_k)
+    if r.tree is not None:
+        _validate_tree(r.tree, r.group_size, s.num_steps, a.best_of_k, need)
+        need(not r.async_rewards, "rollout.async_rewards", "false with rollout.tree (a tree is scored whole)",
+             r.async_rewards)
     t = cfg.timesteps
     choice("timesteps.strategy", t.strategy, ("dance", "all", "window"))
     finite("timesteps.fraction", t.fraction, 0, 1, lo_open=True)
@@ -507,3 +525,27 @@ def _validate(cfg: TrainConfig) -> None:
     choice("distributed.backend", d.backend, ("auto", "nccl", "gloo"))
     finite("distributed.timeout_s", d.timeout_s, 0, lo_open=True)
     choice("distributed.reference", d.reference, ("shard", "cpu"))
+
+
+def _validate_tree(tr: TreeConfig, group_size: int, num_steps: int, best_of_k: int, need) -> None:
+    steps = tr.branch_steps
+    need(len(steps) >= 1 and all(0 <= x < num_steps - 1 for x in steps), "rollout.tree.branch_steps",
+         f"a non-empty list of steps in [0, {num_steps - 1}) (sampler.num_steps = {num_steps}; the last step "
+         "cannot branch)", steps)
+    need(steps == sorted(set(steps)), "rollout.tree.branch_steps", "strictly increasing", steps)
+    need(tr.branch_factor >= 2, "rollout.tree.branch_factor", ">= 2", tr.branch_factor)
+    leaves = tr.branch_factor ** len(steps)
+    need(leaves == group_size, "rollout.tree.branch_factor",
+         f"such that branch_factor ** len(branch_steps) = rollout.group_size = {group_size} "
+         f"({tr.branch_factor} ** {len(steps)} = {leaves})", tr.branch_factor)
+    need(math.isfinite(tr.noise_scale) and tr.noise_scale > 0, "rollout.tree.noise_scale", "finite > 0",
+         tr.noise_scale)
+    need(tr.fusion in ("mean", "prob"), "rollout.tree.fusion", "one of ('mean', 'prob')", tr.fusion)
+    need(all(0 <= x < num_steps for x in tr.prune_steps), "rollout.tree.prune_steps",
+         f"steps in [0, {num_steps})", tr.prune_steps)
+    need(tr.prune_slide_every >= 0, "rollout.tree.prune_slide_every", ">= 0", tr.prune_slide_every)
+    if tr.prune_stop is not None:
+        need(0 <= tr.prune_stop < num_steps, "rollout.tree.prune_stop", f"in [0, {num_steps}) or null", tr.prune_stop)
+    need(0 <= 2 * tr.width_keep < group_size, "rollout.tree.width_keep",
+         f">= 0 and < group_size / 2 = {group_size / 2:g}", tr.width_keep)
+    need(best_of_k == 0, "advantage.best_of_k", "0 with rollout.tree (width_keep prunes a tree)", best_of_k)

@@ -58,6 +58,7 @@ from .policy import (
 from .rollout import collect_rollout
 from .scoring import AsyncScorer, as_weighted_rewards, build_rewards, score_samples
 from .timesteps import TimestepSelector
+from .tree_rollout import tree_train_step
 from .update import Updater
 
 __all__ = ["Trainer", "train", "select_best_of_k", "RUN_OUTPUTS"]
@@ -99,6 +100,9 @@ class Trainer:
         if batch % rt.dp_size:
             raise ConfigError(f"rollout.prompts_per_step * rollout.group_size = {batch} samples per step must be "
                               f"divisible by the {rt.dp_size} data-parallel processes")
+        if rt.distributed and cfg.rollout.tree is not None:
+            raise ConfigError("rollout.tree (BranchGRPO) runs in one process for now: launch without torchrun, "
+                              "or use flat rollouts (rollout.tree: null)")
         self.out = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         # Cheap checks first, so a typo or a taken output_dir fails before a model loads.
@@ -231,6 +235,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, P, G, rt = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size, self.runtime
+        if cfg.rollout.tree is not None:  # BranchGRPO: tree rollouts, depth-wise advantages per edge
+            return tree_train_step(self)
         t0 = time.perf_counter()
         # 1. rollouts: G samples of each of P prompts (the same prompts on every rank); this rank
         # makes its contiguous share of the P * G samples, each from its own global-index noise

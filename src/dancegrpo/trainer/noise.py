@@ -11,13 +11,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SampleNoise"]
+__all__ = ["SampleNoise", "iteration_seed"]
 
 _INITIAL = 2**31 - 1  # the "step" slot of the initial-noise draw (no sampler has that many steps)
 
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def iteration_seed(seed: int, step: int, stream: int) -> int:
+    """A seed for one iteration's draws of one kind (``stream``) that no sample draw shares."""
+    return _seed(seed, step, stream, 0, 0)  # SampleNoise draws streams 0 and 1
 
 
 class SampleNoise:
