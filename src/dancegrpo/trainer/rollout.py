@@ -33,6 +33,13 @@ class Rollout:
     timesteps: (B, N) fp32 model timesteps.
     sde_mask:  (N,) bool, the steps that were stochastic.
     cond:      conditioning, batch first. prompts: B strings. samples: (B, 3, [T,] H, W) decoded.
+    nfe:       network evaluations spent, summed over samples (B per batched call).
+    outputs:   (B, N, *latent_shape) the rollout's model outputs at its SDE steps (zeros
+               elsewhere), kept only when asked (GRPO-Guard's ratio normalisation needs them).
+
+    A tail integrated by the sampler (``solver: dpmpp_2m`` or ``post_compress`` < 1, after the
+    last SDE step) has no (a, b, std) rows (zeros) and, compressed, fewer points than the grid:
+    a grid point it skips holds the latest tail state before it.
     """
 
     latents: torch.Tensor
@@ -45,6 +52,8 @@ class Rollout:
     cond: Conditioning
     prompts: list[str]
     samples: torch.Tensor
+    nfe: int = 0
+    outputs: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -56,7 +65,8 @@ class Rollout:
         return replace(self, latents=self.latents[idx], log_probs=self.log_probs[idx], a=self.a[idx],
                        b=self.b[idx], std=self.std[idx], timesteps=self.timesteps[idx],
                        cond=select(self.cond, idx), prompts=[self.prompts[i] for i in index.tolist()],
-                       samples=self.samples[idx.to(self.samples.device)])
+                       samples=self.samples[idx.to(self.samples.device)],
+                       outputs=None if self.outputs is None else self.outputs[idx])
 
     def step_batch(self, samples: torch.Tensor, steps: torch.Tensor, device):
         """Training inputs of (sample, step) pairs: samples, steps (k,) long.
@@ -70,6 +80,13 @@ class Rollout:
         coeffs = StepCoeffs(self.a[s, t], self.b[s, t], self.std[s, t]).to(device)
         cond = {k: v.to(device, non_blocking=True) for k, v in select(self.cond, s).items()}
         return (x, y, self.timesteps[s, t].to(device), coeffs, self.log_probs[s, t].to(device), cond)
+
+    def old_outputs(self, samples: torch.Tensor, steps: torch.Tensor, device) -> torch.Tensor:
+        """The rollout's model outputs at (sample, step) pairs (collected with keep_outputs)."""
+        if self.outputs is None:
+            raise ValueError("this rollout kept no model outputs: collect it with keep_outputs=True")
+        src = self.outputs.device
+        return self.outputs[samples.to(src), steps.to(src)].to(device, non_blocking=True)
 
 
 def autocast_context(device: torch.device, mixed_precision: str):
@@ -102,7 +119,7 @@ def _chunks(total: int, size: int):
 def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: torch.Tensor,
                     generator: torch.Generator, *, device, share_noise: bool = True, chunk: int = 0,
                     store_on_cpu: bool = False, mixed_precision: str = "no", decode: str = "x0",
-                    backend: str = "auto") -> Rollout:
+                    backend: str = "auto", keep_outputs: bool = False) -> Rollout:
     """Roll out ``group_size`` samples for each prompt item (eval mode, no grad).
 
     sde_mask: (N,) bool, steps sampled with noise (the rest take the ODE step). The generator
@@ -131,14 +148,28 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
         log_probs = torch.full((batch, n_steps), float("nan"), dtype=torch.float32, device=store)
         a = torch.zeros((batch, n_steps), dtype=torch.float32, device=store)
         b, std, ts = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
+        outputs = torch.zeros((batch, n_steps, *shape), dtype=x.dtype, device=store) if keep_outputs else None
         latents[:, 0] = x.to(store)
-        for i in range(n_steps):
-            t = sampler.model_timesteps(i, batch).to(device)
+        calls = 0
+
+        def predict(x, t):
             v = torch.empty_like(x)
             for sl in _chunks(batch, chunk):
                 with autocast_context(device, mixed_precision):
                     out = model.predict(x[sl], t[sl], select(cond, sl))
                 v[sl] = out.to(x.dtype)
+            return v
+
+        tail = getattr(sampler, "tail_start", lambda mask: None)(sde_mask)
+        prev = None  # the previous step's (x0, sigma): the 2M solver's history entering the tail
+        for i in range(n_steps if tail is None else tail):
+            t = sampler.model_timesteps(i, batch).to(device)
+            v = predict(x, t)
+            calls += 1
+            if tail is not None and i == tail - 1:
+                prev = (sampler.x0(i, x, v), float(sampler.sigma(i)))
+            if outputs is not None and bool(sde_mask[i]):
+                outputs[:, i] = v.to(store)
             if bool(sde_mask[i]):
                 c = sampler.coeffs(i, batch)
                 y, lp = sample_step(v, x, c.to(device), generator=generator, backend=backend)
@@ -154,6 +185,16 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
             else:
                 latents[:, i + 1] = y.to(store)
                 x = y
+        if tail is not None:
+            states, x0, m = sampler.integrate_tail(tail, x, predict, prev=prev, compress=bool(sde_mask.any()))
+            calls += m
+            _, _, pos = sampler.tail_grid(tail, bool(sde_mask.any()))
+            for k in range(tail + 1, n_steps + 1):  # each grid point: the latest tail state at or before it
+                j = int((pos <= k + 1e-9).nonzero().max())
+                latents[:, k] = states[j].to(store)
+            for i in range(tail, n_steps):
+                ts[:, i] = sampler.model_timesteps(i, batch).to(store)
+            x = x0 if decode == "x0" else states[-1]
         out_latent = x
         samples = model.decode(out_latent)
     finally:
@@ -161,4 +202,5 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
             model.train()
     if store_on_cpu:
         cond = {k: v.cpu() for k, v in cond.items()}
-    return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(), cond, prompts, samples)
+    return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(), cond, prompts, samples,
+                   nfe=calls * batch, outputs=outputs)

@@ -53,6 +53,7 @@ class UpdateStats:
     grad_norms: list[float] = field(default_factory=list)
     optimizer_steps: int = 0
     skipped: int = 0
+    nfe: int = 0  # network evaluations (per sample) of the update: policy and reference forwards
 
     def summary(self) -> dict:
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")
@@ -60,7 +61,7 @@ class UpdateStats:
             "loss": mean(self.losses), "clip_fraction": mean(self.clip_fractions),
             "approx_kl": mean(self.approx_kls), "ratio_mean": mean(self.ratios),
             "ratio_first_update": mean(self.first_ratios), "grad_norm": mean(self.grad_norms),
-            "optimizer_steps": self.optimizer_steps, "skipped": self.skipped,
+            "optimizer_steps": self.optimizer_steps, "skipped": self.skipped, "nfe": self.nfe,
         }
         if self.kls:
             out["kl"] = mean(self.kls)
@@ -76,7 +77,7 @@ class Updater:
     def __init__(self, model, params, optimizer, *, train_batch_size: int, accumulation: int, max_grad_norm: float,
                  clip_range: float, clip_range_high, kl_beta: float, ref_predict=None, ema=None,
                  mixed_precision: str = "no", update_mode: str = "train", ratio_tolerance: float = 1e-3,
-                 backend: str = "auto", device="cpu"):
+                 backend: str = "auto", device="cpu", ratio_norm: bool = False):
         self.model, self.params, self.optimizer = model, list(params), optimizer
         self.train_batch_size, self.accumulation = int(train_batch_size), int(accumulation)
         self.max_grad_norm = float(max_grad_norm)
@@ -84,6 +85,7 @@ class Updater:
         self.ref_predict, self.ema = ref_predict, ema
         self.mixed_precision, self.update_mode = mixed_precision, update_mode
         self.ratio_tolerance, self.backend = float(ratio_tolerance), backend
+        self.ratio_norm = bool(ratio_norm)
         self.device = torch.device(device)
 
     def _grad_norm(self) -> float:
@@ -103,9 +105,12 @@ class Updater:
             with autocast_context(self.device, self.mixed_precision):
                 v = self.model.predict(x, t, cond)
                 v_ref = self.ref_predict(x, t, cond) if self.ref_predict is not None else None
+            stats.nfe += x.shape[0] * (2 if v_ref is not None else 1)
+            v_old = rollout.old_outputs(samples, steps[samples, j], self.device) if self.ratio_norm else None
             loss, st = grpo_step_loss(v, x, y, coeffs, old_logp, adv, clip_range=self.clip_range,
                                       clip_range_high=self.clip_range_high, ref_model_output=v_ref,
-                                      beta=self.kl_beta, backend=self.backend)
+                                      beta=self.kl_beta, backend=self.backend, ratio_norm=self.ratio_norm,
+                                      old_model_output=v_old)
             value = float(loss.detach())
             if not math.isfinite(value):
                 log.warning("non-finite loss (%s) at a micro-batch: this optimizer step is skipped", value)
