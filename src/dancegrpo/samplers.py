@@ -381,27 +381,25 @@ def build_sampler(kind: str, model=None, *, num_steps: int, eta: float, shift: f
             raise ValueError(f"sampler kind 'scheduler' needs a model with its own scheduler (diffusers models: "
                              f"sd, sd3, flux, qwen_image); {type(model).__name__} has none: use kind 'flow' or 'ddim'")
         sampler = model.scheduler_sampler(num_steps, eta=eta, variant=variant)
-        prediction = None
-    elif kind == "auto":
-        if prediction not in ("velocity", "epsilon"):
-            raise ValueError(f"sampler kind 'auto' needs model.prediction 'velocity' or 'epsilon', got {prediction!r}")
-        kind = "flow" if prediction == "velocity" else "ddim"
-    if kind == "scheduler":
-        pass
-    elif kind == "flow":
-        sampler = FlowSampler(num_steps, shift=shift, eta=eta, variant=variant, logprob=logprob)
-    elif kind == "ddim":
-        if logprob != "gaussian":
-            raise ValueError(f"logprob={logprob!r} is a flow-sampler convention (Flow-GRPO's CPS); "
-                             "the ddim sampler uses the Gaussian log-prob")
-        ab = getattr(model, "alphas_cumprod", None)
-        if ab is None:
-            ab = scaled_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
-        sampler = DDIMSampler(ab, num_steps, eta, steps_offset=steps_offset)
     else:
-        raise ValueError(f"sampler kind must be 'auto', 'flow', 'ddim' or 'scheduler', got {kind!r}")
-    if prediction is not None and prediction != sampler.prediction:
-        raise ValueError(f"model predicts {prediction!r} but the {kind!r} sampler expects {sampler.prediction!r}")
+        if kind == "auto":
+            if prediction not in ("velocity", "epsilon"):
+                raise ValueError(f"sampler kind 'auto' needs model.prediction 'velocity' or 'epsilon', got {prediction!r}")
+            kind = "flow" if prediction == "velocity" else "ddim"
+        if kind == "flow":
+            sampler = FlowSampler(num_steps, shift=shift, eta=eta, variant=variant, logprob=logprob)
+        elif kind == "ddim":
+            if logprob != "gaussian":
+                raise ValueError(f"logprob={logprob!r} is a flow-sampler convention (Flow-GRPO's CPS); "
+                                 "the ddim sampler uses the Gaussian log-prob")
+            ab = getattr(model, "alphas_cumprod", None)
+            if ab is None:
+                ab = scaled_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+            sampler = DDIMSampler(ab, num_steps, eta, steps_offset=steps_offset)
+        else:
+            raise ValueError(f"sampler kind must be 'auto', 'flow', 'ddim' or 'scheduler', got {kind!r}")
+        if prediction is not None and prediction != sampler.prediction:
+            raise ValueError(f"model predicts {prediction!r} but the {kind!r} sampler expects {sampler.prediction!r}")
     if solver != "euler" or post_compress != 1:
         if not isinstance(sampler, FlowSampler):
             raise ValueError(f"solver={solver!r} / post_compress={post_compress} need a flow sampler (rectified "
