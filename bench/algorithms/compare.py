@@ -2,7 +2,8 @@
 
 For each config (a shipped name or a YAML path) and seed, the policy trains from the shipped
 base model until its cumulative model calls (NFE: rollout and training forwards, per sample)
-reach the budget; every ``--eval-every`` steps (and before the first) it is evaluated on the
+reach the budget; each time they cross one of ``--eval-points`` equally spaced NFE marks (and
+before the first step) it is evaluated on the
 same held-out prompts with the same deterministic sampler (Euler ODE, the shapes_t2i sampler),
 so every algorithm is measured by one yardstick: held-out reward (the trained alignment reward
 on prompts never trained on), held-out correctness (the shapes evaluator: colour and shape both
@@ -29,7 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning: CPU seconds then measure work, also on a shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT = {  # label -> config
@@ -86,7 +90,7 @@ class Yardstick:
                 "heldout_position_size": out["reward_position_size_mean"]}
 
 
-def run_one(ref: str, seed: int, budget: int, eval_every: int, max_steps: int, yard: Yardstick, extra) -> dict:
+def run_one(ref: str, seed: int, budget: int, eval_points: int, max_steps: int, yard: Yardstick, extra) -> dict:
     from dancegrpo.trainer.config import load_config
     from dancegrpo.trainer.loop import Trainer
 
@@ -105,7 +109,7 @@ def run_one(ref: str, seed: int, budget: int, eval_every: int, max_steps: int, y
                 raise RuntimeError(f"{ref}: its train_step logs no 'nfe' metric (model calls); it cannot be compared")
             nfe += int(m["nfe"])
             rewards.append(m.get("reward_mean", float("nan")))
-            if trainer.step % eval_every == 0 or nfe >= budget:
+            if nfe >= budget * (len(points)) / eval_points or nfe >= budget or trainer.step == max_steps:
                 points.append({"step": trainer.step, "nfe": nfe, "wall_s": wall, "cpu_s": cpu, "train_reward": rewards[-1],
                                **yard(trainer.model)})
         return {"config": ref, "seed": seed, "points": points, "steps": trainer.step}
@@ -192,8 +196,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=list(DEFAULT.values()))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--budget", type=int, default=60000, help="model calls (NFE, per sample) per run")
-    p.add_argument("--eval-every", type=int, default=4, help="training steps between held-out evaluations")
+    p.add_argument("--budget", type=int, default=40000, help="model calls (NFE, per sample) per run")
+    p.add_argument("--eval-points", type=int, default=5, help="held-out evaluations per run, at equal NFE marks")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--max-steps", type=int, default=200, help="a cap on steps whatever the NFE")
     p.add_argument("--threads", type=int, default=2)
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
             continue
         for seed in args.seeds:
             t0 = time.perf_counter()
-            r = run_one(ref, seed, args.budget, args.eval_every, args.max_steps, yard, args.override)
+            r = run_one(ref, seed, args.budget, args.eval_points, args.max_steps, yard, args.override)
             last = r["points"][-1]
             print(f"{_label(ref)} seed {seed}: {r['steps']} steps, NFE {last['nfe']}, train {last['wall_s']:.1f} s "
                   f"({last['cpu_s']:.1f} CPU s), "
