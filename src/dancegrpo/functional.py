@@ -265,7 +265,8 @@ def clipped_ratio_loss(logp, old_logp, advantages, *, clip_range=1e-4, clip_rang
 
 
 def grpo_step_loss(model_output, latents, next_latents, coeffs, old_logp, advantages, *, clip_range=1e-4,
-                   clip_range_high=None, ref_model_output=None, beta=0.0, backend="auto"):
+                   clip_range_high=None, ref_model_output=None, beta=0.0, backend="auto", ratio_norm=False,
+                   old_model_output=None):
     """The per-timestep GRPO loss: log-prob, clipped ratio and exact Gaussian KL in one op.
 
     model_output (B, ...) with grad (bf16 is fine: it is never copied to fp32); latents,
@@ -277,6 +278,13 @@ def grpo_step_loss(model_output, latents, next_latents, coeffs, old_logp, advant
     follows ``coeffs.logprob``; the KL is always the exact Gaussian KL of the step (its real
     std), which is also what Flow-GRPO computes for CPS. The readable spec is
     ``dancegrpo.ops.reference.grpo_step_loss_ref``.
+
+    ``ratio_norm=True`` (GRPO-Guard, docs/algorithms.md) clips the normalised log-ratio
+    ``std (logp - old_logp) + b^2 mean((v - v_old)^2) / (2 std)`` instead of ``logp - old_logp``:
+    the first term rescales each step by its noise level, the second removes the ratio's
+    systematic shift below 1. It needs ``old_model_output`` (the rollout's output v_old at
+    this step) and the Gaussian log-prob; it uses the same backend kernels (the msd pass with
+    v_old), so every backend runs it.
 
     Equivalent PyTorch::
 
@@ -290,16 +298,34 @@ def grpo_step_loss(model_output, latents, next_latents, coeffs, old_logp, advant
     beta = check.nonneg_float(op, "beta", beta)
     if beta > 0 and ref_model_output is None:
         raise ValueError(f"{op}: beta > 0 needs ref_model_output (the frozen reference model's output)")
+    if not isinstance(ratio_norm, bool):
+        raise TypeError(f"{op}: ratio_norm must be a bool, got {type(ratio_norm).__name__}")
+    if ratio_norm and old_model_output is None:
+        raise ValueError(f"{op}: ratio_norm=True needs old_model_output (the rollout's model output at this step)")
+    if ratio_norm and isinstance(coeffs, StepCoeffs) and coeffs.logprob != "gaussian":
+        raise ValueError(f"{op}: ratio_norm=True normalises the Gaussian log-ratio; coeffs.logprob is "
+                         f"{coeffs.logprob!r}")
     batch, device = check.latents(op, model_output=model_output, latents=latents, next_latents=next_latents,
-                                  ref_model_output=ref_model_output)
+                                  ref_model_output=ref_model_output,
+                                  old_model_output=old_model_output if ratio_norm else None)
     check.per_sample(op, batch, device, old_logp=old_logp, advantages=advantages)
     a, b, std = _coeffs(op, coeffs, batch, device)
-    impl = select_backend(op, backend, (model_output, latents, next_latents, ref_model_output))
+    impl = select_backend(op, backend, (model_output, latents, next_latents, ref_model_output,
+                                        old_model_output if ratio_norm else None))
     v, x, y, v_ref = _contig(model_output, latents, next_latents,
                              None if ref_model_output is None else ref_model_output.detach())
-    logp, msd = impl.step_logprob(v, x, y, v_ref, a, b, _kernel_std(coeffs, std), "mean")
+    v_old = _contig(old_model_output.detach())[0] if ratio_norm else None
+    # ratio_norm: the msd pass of the same kernel gives mean((v - v_old)^2); the KL's msd (v_ref)
+    # then takes a second pass.
+    logp, msd = impl.step_logprob(v, x, y, v_old if ratio_norm else v_ref, a, b, _kernel_std(coeffs, std), "mean")
     logp = _from_kernel(coeffs, logp, "mean", latents)
-    loss, raw = impl.clipped_ratio_loss(logp, *_contig(old_logp.detach().to(logp.dtype), advantages.detach().to(logp.dtype)),
+    old = old_logp.detach().to(logp.dtype)
+    if ratio_norm:
+        s_, b_ = std.to(logp.dtype), b.to(logp.dtype)
+        logp = s_ * (logp - old) + b_ ** 2 * msd / (2 * s_)  # the normalised log-ratio
+        old = torch.zeros_like(old)
+        msd = None if v_ref is None else impl.step_logprob(v, x, y, v_ref, a, b, _kernel_std(coeffs, std), "mean")[1]
+    loss, raw = impl.clipped_ratio_loss(logp, *_contig(old, advantages.detach().to(logp.dtype)),
                                         None, low, high, 0.0, "mean")
     stats = _stats(raw)
     if msd is not None:

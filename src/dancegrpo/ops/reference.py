@@ -171,7 +171,7 @@ def clipped_ratio_loss_ref(logp, old_logp, advantages, *, clip_low=1e-4, clip_hi
 
 
 def grpo_step_loss_ref(v, x, y, a, b, std, old_logp, advantages, *, clip_low=1e-4, clip_high=1e-4, v_ref=None,
-                       beta=0.0, logprob="gaussian"):
+                       beta=0.0, logprob="gaussian", ratio_norm=False, v_old=None):
     """The per-timestep GRPO loss, written out: what ``grpo_step_loss`` computes.
 
     v (B, ...) model output (differentiable); x, y (B, ...) latents and stored next latents;
@@ -186,11 +186,24 @@ def grpo_step_loss_ref(v, x, y, a, b, std, old_logp, advantages, *, clip_low=1e-
                  of the step (whatever ``logprob`` is: it is a divergence between the two steps)
         loss  += beta * mean(KL)
 
+    ``ratio_norm`` (GRPO-Guard, Gaussian log-prob; v_old is the rollout's output): the ratio is
+    exp(std (logp - old_logp) + mean((mean_theta - mean_old)^2) / (2 std)), which for
+    y = mean_old + std eps equals exp(mean(eps (mean_theta - mean_old))): no shift below 1 and
+    the same spread at every noise level.
+
     Returns ``(loss, stats)``: stats holds detached clip_fraction, approx_kl
     (0.5 mean (logp - old)^2), ratio_mean, kl (mean KL, with v_ref) and logp (B,).
     """
     logp, _ = step_logprob_ref(v, x, y, a, b, std, logprob=logprob)
-    loss, raw = clipped_ratio_loss_ref(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high)
+    if ratio_norm:
+        dt = logp.dtype
+        gap = b.to(dt)[:, None] * (_per_sample(v, dt) - _per_sample(v_old.detach(), dt))  # mean_theta - mean_old
+        s = std.to(dt)
+        log_ratio = s * (logp - old_logp.detach().to(dt)) + (gap ** 2).mean(1) / (2 * s)
+        loss, raw = clipped_ratio_loss_ref(log_ratio, torch.zeros_like(log_ratio), advantages, clip_low=clip_low,
+                                           clip_high=clip_high)
+    else:
+        loss, raw = clipped_ratio_loss_ref(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high)
     stats = {"clip_fraction": raw[0], "approx_kl": raw[1], "ratio_mean": raw[2]}
     if v_ref is not None:
         dt = logp.dtype

@@ -61,6 +61,8 @@ class SamplerConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     steps_offset: int = 1
+    solver: str = "euler"          # flow: the ODE steps after the last SDE step: euler | dpmpp_2m (MixGRPO-Flash)
+    post_compress: float = 1.0     # flow: fraction of those steps kept (MixGRPO-Flash: 0.4; 1 keeps all)
 
 
 @dataclass
@@ -100,11 +102,12 @@ class AdvantageConfig:
 
 @dataclass
 class TimestepConfig:
-    strategy: str = "dance"        # dance (random fraction) | all (Flow-GRPO) | window (MixGRPO)
+    strategy: str = "dance"        # dance (random fraction) | all (Flow-GRPO) | window (MixGRPO) | random_window (Flow-GRPO-Fast)
     fraction: float = 0.6          # tau, for "dance"
     window_size: int = 4           # for "window": SDE steps trained; ODE steps elsewhere
     window_stride: int = 1
     window_shift_every: int = 25   # iterations between window moves (wraps around)
+    window_range: list[int] = field(default_factory=list)  # random_window: starts in [lo, hi); empty: [0, N // 2) (Flow-GRPO-Fast)
 
 
 @dataclass
@@ -125,6 +128,7 @@ class LossConfig:
     clip_range_high: float | None = None  # DAPO-style asymmetric upper range
     kl_beta: float = 0.0           # Flow-GRPO: 0.004 - 0.04; DanceGRPO: 0
     backend: str = "auto"          # op backend: auto | torch | native | triton
+    ratio_norm: bool = False       # GRPO-Guard: per-step normalised importance ratio (Gaussian log-prob only)
 
 
 @dataclass
@@ -151,6 +155,8 @@ class EvalConfig:
     batch_size: int = 32
     mode: str = "ode"              # ode (deterministic) | sde (the training sampler)
     seed: int = 1234
+    every: int = 0                 # held-out evaluation every K steps during training (0: never)
+    heldout_rewards: list[RewardConfig] = field(default_factory=list)  # scored there, never trained on
 
 
 @dataclass
@@ -461,6 +467,8 @@ def _validate(cfg: TrainConfig) -> None:
     finite("sampler.eta", s.eta, 0, lo_open=True)
     finite("sampler.shift", s.shift, 0, lo_open=True)
     choice("sampler.variant", s.variant, ("dance", "flow_grpo", "cps"))
+    choice("sampler.solver", s.solver, ("euler", "dpmpp_2m"))
+    finite("sampler.post_compress", s.post_compress, 0, 1, lo_open=True)
     r = cfg.rollout
     pos_int("rollout.prompts_per_step", r.prompts_per_step)
     pos_int("rollout.group_size", r.group_size, 2)
@@ -469,6 +477,9 @@ def _validate(cfg: TrainConfig) -> None:
     need(isinstance(r.async_rewards, bool), "rollout.async_rewards", "true or false", r.async_rewards)
     need(not r.async_rewards or r.batch_size > 0, "rollout.async_rewards",
          "rollout.batch_size > 0 with it (the chunk scored while the next one rolls out)", r.batch_size)
+    need(not r.async_rewards or (s.solver == "euler" and s.post_compress == 1 and not cfg.loss.ratio_norm),
+         "rollout.async_rewards", "false with sampler.solver=dpmpp_2m, sampler.post_compress < 1 or "
+         "loss.ratio_norm=true (the chunked rollout does not support them yet)", r.async_rewards)
     a = cfg.advantage
     choice("advantage.std", a.std, ("group", "global", "none"))
     choice("advantage.aggregate", a.aggregate, ("advantage", "reward"))
@@ -483,12 +494,16 @@ def _validate(cfg: TrainConfig) -> None:
         need(not r.async_rewards, "rollout.async_rewards", "false with rollout.tree (a tree is scored whole)",
              r.async_rewards)
     t = cfg.timesteps
-    choice("timesteps.strategy", t.strategy, ("dance", "all", "window"))
+    choice("timesteps.strategy", t.strategy, ("dance", "all", "window", "random_window"))
     finite("timesteps.fraction", t.fraction, 0, 1, lo_open=True)
     pos_int("timesteps.window_size", t.window_size)
     pos_int("timesteps.window_stride", t.window_stride, 0)
     pos_int("timesteps.window_shift_every", t.window_shift_every)
-    if t.strategy == "window":
+    if t.window_range:
+        need(len(t.window_range) == 2 and 0 <= t.window_range[0] < t.window_range[1] <= s.num_steps - t.window_size,
+             "timesteps.window_range", f"[lo, hi] with 0 <= lo < hi <= sampler.num_steps - window_size = "
+             f"{s.num_steps - t.window_size}", t.window_range)
+    if t.strategy in ("window", "random_window"):
         need(t.window_size < s.num_steps, "timesteps.window_size", f"< sampler.num_steps = {s.num_steps}",
              t.window_size)
     o = cfg.optim
@@ -519,6 +534,10 @@ def _validate(cfg: TrainConfig) -> None:
     pos_int("eval.samples_per_prompt", e.samples_per_prompt)
     pos_int("eval.batch_size", e.batch_size)
     choice("eval.mode", e.mode, ("ode", "sde"))
+    pos_int("eval.every", e.every, 0)
+    for i, r in enumerate(e.heldout_rewards):
+        need(bool(r.name), f"eval.heldout_rewards.{i}.name", "a reward name", r.name)
+        finite(f"eval.heldout_rewards.{i}.weight", r.weight)
     d = cfg.distributed
     choice("distributed.strategy", d.strategy, ("ddp", "fsdp"))
     pos_int("distributed.sequence_parallel", d.sequence_parallel)

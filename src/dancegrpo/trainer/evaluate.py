@@ -13,7 +13,7 @@ import torch
 from .rollout import collect_rollout
 from .scoring import WeightedReward, score_samples
 
-__all__ = ["generate", "evaluate_policy", "evaluate_config", "best_of_n"]
+__all__ = ["generate", "evaluate_policy", "evaluate_config", "best_of_n", "HeldoutEval"]
 
 
 def generate(model, sampler, items: Sequence, *, samples_per_prompt: int = 1, mode: str = "ode", seed: int = 0,
@@ -84,6 +84,47 @@ def evaluate_config(model, cfg, *, device="cpu", extra_rewards: Sequence[Weighte
     return evaluate_policy(model, build_run_sampler(cfg, model), items, rewards,
                            samples_per_prompt=e.samples_per_prompt, mode=e.mode, seed=e.seed, device=device,
                            batch_size=e.batch_size, mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
+
+
+class HeldoutEval:
+    """The over-optimisation guard run every ``eval.every`` training steps: the fixed prompts of
+    the dataset's eval split, sampled deterministically (``eval.mode``, ``eval.seed``: the same
+    noise every time), scored by the trained rewards and by ``eval.heldout_rewards`` (never
+    trained on). Returns metrics ``heldout/<name>`` (each reward's mean), ``heldout/reward_mean``
+    (the trained weighted sum) and ``heldout/correct_rate`` where a reward offers ``correct``:
+    a trained reward that climbs while the held-out ones fall is reward hacking."""
+
+    def __init__(self, cfg, trained: Sequence[WeightedReward], device):
+        from ..registry import build_dataset
+        from .scoring import build_rewards
+
+        e = cfg.eval
+        self.cfg, self.device = cfg, device
+        self.items = build_dataset(cfg.data.name, split=cfg.data.eval_split, **cfg.data.kwargs).fixed(e.num_prompts)
+        same = [i for i, h in enumerate(e.heldout_rewards)
+                if any(h.name == r.name and h.kwargs == r.kwargs for r in cfg.rewards)]
+        if same:
+            raise ValueError(f"eval.heldout_rewards.{same[0]} ({e.heldout_rewards[same[0]].name!r}) is a trained reward "
+                             "(same name and kwargs as one in rewards): a held-out reward must be one not trained on")
+        extra = build_rewards(e.heldout_rewards) if e.heldout_rewards else []
+        taken = {r.name for r in trained}
+        # held-out rewards carry weight 0: measured, never part of the trained sum; a name shared
+        # with a trained reward (other kwargs) gets a "_heldout" suffix
+        self.rewards = list(trained) + [WeightedReward(r.fn, 0.0, r.name + ("_heldout" if r.name in taken else ""))
+                                        for r in extra]
+
+    def evaluate(self, model, sampler) -> dict:
+        e = self.cfg.eval
+        out = evaluate_policy(model, sampler, self.items, self.rewards, samples_per_prompt=e.samples_per_prompt,
+                              mode=e.mode, seed=e.seed, device=self.device, batch_size=e.batch_size,
+                              mixed_precision=self.cfg.mixed_precision, backend=self.cfg.loss.backend)
+        m = {"heldout/reward_mean": out["reward_mean"]}
+        for rw in self.rewards:
+            m[f"heldout/{rw.name}"] = out[f"reward_{rw.name}_mean"]
+        for k, v in out.items():
+            if k.startswith("correct_rate"):
+                m[f"heldout/{k}"] = v
+        return m
 
 
 def best_of_n(samples: torch.Tensor, prompts: Sequence[str], k: int, reward: WeightedReward | None):

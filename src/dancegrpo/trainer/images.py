@@ -57,20 +57,29 @@ def save_grid(samples: torch.Tensor, path, columns: int | None = None, fps: int 
     return path
 
 
+_EXTRA_COLOURS = ((20, 140, 60), (230, 130, 0), (130, 40, 170), (0, 150, 170), (120, 120, 120))
+
+
 def save_reward_curve(steps: Sequence[int], rewards: Sequence[float], path, title: str = "reward_mean",
-                      size: tuple[int, int] = (640, 360)) -> Path:
-    """A line plot of reward per step (raw, and a moving average) as PNG."""
+                      size: tuple[int, int] = (640, 360), extra: dict | None = None) -> Path:
+    """A line plot of reward per step (raw, and a moving average) as PNG. ``extra``: name ->
+    values per step (None where not measured), e.g. the held-out rewards, drawn on the same axes
+    as dots joined by lines, with a legend: reward hacking shows as the two curves parting."""
     w, h = size
     left, right, top, bottom = 60, 20, 30, 40
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.text((left, 8), title, fill="black")
     pts = [(s, r) for s, r in zip(steps, rewards, strict=True) if r is not None and math.isfinite(r)]
+    series = {name: [(s, r) for s, r in zip(steps, vals, strict=True) if r is not None and math.isfinite(r)]
+              for name, vals in (extra or {}).items()}
+    series = {k: v for k, v in series.items() if v}
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     if pts:
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y0, y1 = min(ys), max(ys)
+        all_y = ys + [r for v in series.values() for _, r in v]
+        y0, y1 = min(all_y), max(all_y)
         if y1 - y0 < 1e-9:
             y0, y1 = y0 - 0.5, y1 + 0.5
         px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
@@ -92,6 +101,14 @@ def save_reward_curve(steps: Sequence[int], rewards: Sequence[float], path, titl
             d.line(sline, fill=(200, 30, 30), width=2)
         else:
             d.ellipse([sline[0][0] - 2, sline[0][1] - 2, sline[0][0] + 2, sline[0][1] + 2], fill=(200, 30, 30))
+        for k, (name, v) in enumerate(series.items()):
+            colour = _EXTRA_COLOURS[k % len(_EXTRA_COLOURS)]
+            line = [(px(x), py(y)) for x, y in v]
+            if len(line) > 1:
+                d.line(line, fill=colour, width=2)
+            for cx, cy in line:
+                d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            d.text((w - right - 200, top + 4 + 12 * k), name, fill=colour)
     path = Path(path)
     img.save(path)
     return path

@@ -43,7 +43,7 @@ from ..functional import group_advantages
 from .checkpoint import CheckpointManager, capture_rng, describe_damaged, restore_rng
 from .config import TrainConfig, config_to_dict, save_config
 from .ema import EMA
-from .evaluate import generate
+from .evaluate import HeldoutEval, generate
 from .images import save_grid, save_reward_curve
 from .logs import MetricsLogger, peak_memory_mb, read_metrics
 from .lora import reference_predictor
@@ -123,7 +123,8 @@ class Trainer:
         stochastic = torch.tensor([self.sampler.is_stochastic(i) for i in range(self.sampler.num_steps)])
         t = cfg.timesteps
         self.selector = TimestepSelector(t.strategy, stochastic, fraction=t.fraction, window_size=t.window_size,
-                                         window_stride=t.window_stride, window_shift_every=t.window_shift_every)
+                                         window_stride=t.window_stride, window_shift_every=t.window_shift_every,
+                                         window_range=t.window_range, seed=cfg.seed)
         self.dataset = dataset if dataset is not None else build_run_dataset(cfg, cfg.data.train_split)
         self.rewards = build_rewards(cfg.rewards) if rewards is None else as_weighted_rewards(rewards)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -140,10 +141,11 @@ class Trainer:
                                kl_beta=cfg.loss.kl_beta, ref_predict=ref, ema=self.ema,
                                mixed_precision=cfg.mixed_precision, update_mode=cfg.update_mode,
                                ratio_tolerance=cfg.ratio_tolerance, backend=cfg.loss.backend, device=self.device,
-                               sync=sync)
+                               sync=sync, ratio_norm=cfg.loss.ratio_norm)
         self.generators = {
             "data": torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 2),
         }
+        self.heldout = HeldoutEval(cfg, self.rewards, self.device) if cfg.eval.every else None
         self.step = 0
         self.skipped_total = 0
         self.invalid_streak = 0  # consecutive steps in which no sample had a valid reward
@@ -253,7 +255,7 @@ class Trainer:
                                       chunk=cfg.rollout.batch_size, store_on_cpu=cfg.rollout.store_on_cpu,
                                       mixed_precision=cfg.mixed_precision, decode=cfg.rollout.decode,
                                       backend=cfg.loss.backend, noise=noise, rows=slice(lo, lo + per_rank),
-                                      on_samples=scorer and scorer.submit)
+                                      on_samples=scorer and scorer.submit, keep_outputs=cfg.loss.ratio_norm)
             t1 = time.perf_counter()
             # 2. rewards (a failing sample is dropped: NaN) of this rank's samples, gathered;
             # advantages over whole groups
@@ -284,7 +286,11 @@ class Trainer:
             self.last_failures = {**self.last_failures, **scored.failures}
         t3 = time.perf_counter()
         self.skipped_total += stats["skipped"]
-        return self._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), P * G)
+        m = self._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), P * G)
+        # model calls times samples, over every rank (each data-parallel slot rolls out its share)
+        m["nfe_rollout"], m["nfe_update"] = rollout.nfe * rt.dp_size, stats.get("nfe", 0)
+        m["nfe"] = m["nfe_rollout"] + m["nfe_update"]
+        return m
 
     def _gather_scores(self, scored):
         """Every rank's rewards in global sample order (and their errors)."""
@@ -371,6 +377,8 @@ class Trainer:
                 metrics = self.train_step()
                 self.step += 1
                 metrics = {"step": self.step, **metrics}
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    metrics.update(self.heldout.evaluate(self.model, self.sampler))
                 logger.log(metrics)
                 history.append(metrics)
                 if cfg.max_invalid_steps and self.invalid_streak >= cfg.max_invalid_steps:
@@ -418,8 +426,9 @@ class Trainer:
 
     def save_reward_curve(self) -> Path:
         rows = read_metrics(self.out / "metrics.jsonl")
+        heldout = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r if k.startswith("heldout/")})}
         return save_reward_curve([r["step"] for r in rows], [r.get("reward_mean") for r in rows],
-                                 self.out / "reward_curve.png")
+                                 self.out / "reward_curve.png", extra=heldout)
 
     # ------------------------------------------------------------------ checkpoints
 

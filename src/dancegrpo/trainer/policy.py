@@ -101,7 +101,7 @@ def build_run_sampler(cfg: TrainConfig, model):
     s = cfg.sampler
     return build_sampler(s.kind, model, num_steps=s.num_steps, eta=s.eta, shift=s.shift, variant=s.variant,
                          num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
-                         steps_offset=s.steps_offset)
+                         steps_offset=s.steps_offset, solver=s.solver, post_compress=s.post_compress)
 
 
 def trainable_state(model: nn.Module, lora: bool) -> dict[str, torch.Tensor]:

@@ -33,6 +33,13 @@ class Rollout:
     timesteps: (B, N) fp32 model timesteps.
     sde_mask:  (N,) bool, the steps that were stochastic.
     cond:      conditioning, batch first. prompts: B strings. samples: (B, 3, [T,] H, W) decoded.
+    nfe:       network evaluations spent, summed over samples (B per batched call).
+    outputs:   (B, N, *latent_shape) the rollout's model outputs at its SDE steps (zeros
+               elsewhere), kept only when asked (GRPO-Guard's ratio normalisation needs them).
+
+    A tail integrated by the sampler (``solver: dpmpp_2m`` or ``post_compress`` < 1, after the
+    last SDE step) has no (a, b, std) rows (zeros) and, compressed, fewer points than the grid:
+    a grid point it skips holds the latest tail state before it.
     """
 
     latents: torch.Tensor
@@ -45,6 +52,8 @@ class Rollout:
     cond: Conditioning
     prompts: list[str]
     samples: torch.Tensor
+    nfe: int = 0
+    outputs: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -56,7 +65,8 @@ class Rollout:
         return replace(self, latents=self.latents[idx], log_probs=self.log_probs[idx], a=self.a[idx],
                        b=self.b[idx], std=self.std[idx], timesteps=self.timesteps[idx],
                        cond=select(self.cond, idx), prompts=[self.prompts[i] for i in index.tolist()],
-                       samples=self.samples[idx.to(self.samples.device)])
+                       samples=self.samples[idx.to(self.samples.device)],
+                       outputs=None if self.outputs is None else self.outputs[idx])
 
     def step_batch(self, samples: torch.Tensor, steps: torch.Tensor, device):
         """Training inputs of (sample, step) pairs: samples, steps (k,) long.
@@ -70,6 +80,13 @@ class Rollout:
         coeffs = StepCoeffs(self.a[s, t], self.b[s, t], self.std[s, t]).to(device)
         cond = {k: v.to(device, non_blocking=True) for k, v in select(self.cond, s).items()}
         return (x, y, self.timesteps[s, t].to(device), coeffs, self.log_probs[s, t].to(device), cond)
+
+    def old_outputs(self, samples: torch.Tensor, steps: torch.Tensor, device) -> torch.Tensor:
+        """The rollout's model outputs at (sample, step) pairs (collected with keep_outputs)."""
+        if self.outputs is None:
+            raise ValueError("this rollout kept no model outputs: collect it with keep_outputs=True")
+        src = self.outputs.device
+        return self.outputs[samples.to(src), steps.to(src)].to(device, non_blocking=True)
 
 
 def autocast_context(device: torch.device, mixed_precision: str):
@@ -102,7 +119,8 @@ def _chunks(total: int, size: int):
 def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: torch.Tensor,
                     generator: torch.Generator, *, device, share_noise: bool = True, chunk: int = 0,
                     store_on_cpu: bool = False, mixed_precision: str = "no", decode: str = "x0",
-                    backend: str = "auto", noise=None, rows: slice | None = None, on_samples=None) -> Rollout:
+                    backend: str = "auto", noise=None, rows: slice | None = None, on_samples=None,
+                    keep_outputs: bool = False) -> Rollout:
     """Roll out ``group_size`` samples for each prompt item (eval mode, no grad).
 
     sde_mask: (N,) bool, steps sampled with noise (the rest take the ODE step). The generator
@@ -117,11 +135,18 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
     ``on_samples(slice, samples, prompts)``: roll out chunk by chunk instead (every step of
     chunk k before chunk k+1, see :func:`_collect_by_chunk`) and hand each chunk's decoded
     samples over as soon as they exist, so they can be scored while the next chunk rolls out.
+
+    keep_outputs: also keep the model outputs at the SDE steps (GRPO-Guard's ratio normalisation).
+    A sampler with a solver tail (``tail_start``: a higher-order or compressed ODE after the last
+    SDE step) integrates that tail itself.
     """
     device = torch.device(device)
     n_steps = sampler.num_steps
     if sde_mask.shape != (n_steps,):
         raise ValueError(f"sde_mask must have shape ({n_steps},), got {tuple(sde_mask.shape)}")
+    tail = getattr(sampler, "tail_start", lambda mask: None)(sde_mask)
+    if on_samples is not None and (tail is not None or keep_outputs):
+        raise ValueError("a chunk-by-chunk rollout (async rewards) supports neither a solver tail nor keep_outputs")
     was_training = model.training if hasattr(model, "training") else False
     if hasattr(model, "eval"):
         model.eval()
@@ -144,17 +169,34 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
         log_probs = torch.full((batch, n_steps), float("nan"), dtype=torch.float32, device=store)
         a = torch.zeros((batch, n_steps), dtype=torch.float32, device=store)
         b, std, ts = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
+        outputs = torch.zeros((batch, n_steps, *shape), dtype=x.dtype, device=store) if keep_outputs else None
         latents[:, 0] = x.to(store)
-        samples = None if on_samples is None else _collect_by_chunk(
-            model, sampler, x, cond, prompts, sde_mask, generator, noise, chunk, (latents, log_probs, a, b, std, ts),
-            mixed_precision=mixed_precision, decode=decode, backend=backend, on_samples=on_samples)
-        for i in range(n_steps if samples is None else 0):
-            t = sampler.model_timesteps(i, batch).to(device)
+        if on_samples is not None:
+            samples = _collect_by_chunk(
+                model, sampler, x, cond, prompts, sde_mask, generator, noise, chunk, (latents, log_probs, a, b, std, ts),
+                mixed_precision=mixed_precision, decode=decode, backend=backend, on_samples=on_samples)
+            return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(),
+                           {k: v.cpu() for k, v in cond.items()} if store_on_cpu else cond, prompts, samples,
+                           nfe=n_steps * batch)
+        calls = 0
+
+        def predict(x, t):
             v = torch.empty_like(x)
             for sl in _chunks(batch, chunk):
                 with autocast_context(device, mixed_precision):
                     out = model.predict(x[sl], t[sl], select(cond, sl))
                 v[sl] = out.to(x.dtype)
+            return v
+
+        prev = None  # the previous step's (x0, sigma): the 2M solver's history entering the tail
+        for i in range(n_steps if tail is None else tail):
+            t = sampler.model_timesteps(i, batch).to(device)
+            v = predict(x, t)
+            calls += 1
+            if tail is not None and i == tail - 1:
+                prev = (sampler.x0(i, x, v), float(sampler.sigma(i)))
+            if outputs is not None and bool(sde_mask[i]):
+                outputs[:, i] = v.to(store)
             if bool(sde_mask[i]):
                 c = sampler.coeffs(i, batch)
                 if noise is not None:
@@ -174,18 +216,28 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
             else:
                 latents[:, i + 1] = y.to(store)
                 x = y
-        if samples is None:
-            samples = model.decode(x)
+        if tail is not None:
+            states, x0, m = sampler.integrate_tail(tail, x, predict, prev=prev, compress=bool(sde_mask.any()))
+            calls += m
+            _, _, pos = sampler.tail_grid(tail, bool(sde_mask.any()))
+            for k in range(tail + 1, n_steps + 1):  # each grid point: the latest tail state at or before it
+                j = int((pos <= k + 1e-9).nonzero().max())
+                latents[:, k] = states[j].to(store)
+            for i in range(tail, n_steps):
+                ts[:, i] = sampler.model_timesteps(i, batch).to(store)
+            x = x0 if decode == "x0" else states[-1]
+        samples = model.decode(x)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
     if store_on_cpu:
         cond = {k: v.cpu() for k, v in cond.items()}
-    return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(), cond, prompts, samples)
+    return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(), cond, prompts, samples,
+                   nfe=calls * batch, outputs=outputs)
 
 
-def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, sample_noise, chunk, bufs, *, mixed_precision,
-                      decode, backend, on_samples) -> torch.Tensor:
+def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, sample_noise, chunk, bufs, *,
+                      mixed_precision, decode, backend, on_samples) -> torch.Tensor:
     """The rollout loop with chunks outer and steps inner, filling ``bufs`` (latents, log_probs,
     a, b, std, timesteps) as :func:`collect_rollout` does and calling ``on_samples`` per chunk.
 
@@ -198,6 +250,7 @@ def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, sam
     """
     latents, log_probs, a, b, std, ts = bufs
     store, device, batch, n_steps = latents.device, x.device, x.shape[0], sampler.num_steps
+
     def draw(i):
         if sample_noise is not None:
             return sample_noise.step_noise(i, x.shape[1:], device).to(store)
@@ -213,7 +266,8 @@ def _collect_by_chunk(model, sampler, x, cond, prompts, sde_mask, generator, sam
                 v = model.predict(xc, t, cc).to(xc.dtype)
             if bool(sde_mask[i]):
                 c = sampler.coeffs(i, batch)[sl]
-                y, lp = sample_step(v, xc, c.to(device), noise=noise[i][sl].to(device=device, dtype=xc.dtype), backend=backend)
+                eps = noise[i][sl].to(device=device, dtype=xc.dtype)
+                y, lp = sample_step(v, xc, c.to(device), noise=eps, backend=backend)
                 log_probs[sl, i] = lp.to(store)
             else:
                 c = sampler.ode_coeffs(i, batch)[sl]

@@ -59,6 +59,7 @@ class UpdateStats:
     grad_norms: list[float] = field(default_factory=list)
     optimizer_steps: int = 0
     skipped: int = 0
+    nfe: int = 0  # network evaluations (per sample) of the update: policy and reference forwards
 
     def add(self, n: int, loss: float, st: dict, first: bool) -> None:
         self.pairs += n
@@ -75,7 +76,7 @@ class UpdateStats:
 
     def reduce(self, sync: GradSync) -> UpdateStats:
         """The sums over every rank (grad norms, steps and skips are already global)."""
-        names = ("pairs", "loss", "clip_fraction", "approx_kl", "ratio", "kl", "first_pairs", "first_ratio")
+        names = ("pairs", "loss", "clip_fraction", "approx_kl", "ratio", "kl", "first_pairs", "first_ratio", "nfe")
         for name, v in zip(names, sync.sum([getattr(self, n) for n in names]), strict=True):
             setattr(self, name, v)
         return self
@@ -87,7 +88,7 @@ class UpdateStats:
             "approx_kl": per(self.approx_kl, self.pairs), "ratio_mean": per(self.ratio, self.pairs),
             "ratio_first_update": per(self.first_ratio, self.first_pairs),
             "grad_norm": per(sum(self.grad_norms), len(self.grad_norms)),
-            "optimizer_steps": self.optimizer_steps, "skipped": self.skipped,
+            "optimizer_steps": self.optimizer_steps, "skipped": self.skipped, "nfe": int(self.nfe),
         }
         if self.has_kl:
             out["kl"] = per(self.kl, self.pairs)
@@ -105,7 +106,7 @@ class Updater:
     def __init__(self, model, params, optimizer, *, train_batch_size: int, accumulation: int, max_grad_norm: float,
                  clip_range: float, clip_range_high, kl_beta: float, ref_predict=None, ema=None,
                  mixed_precision: str = "no", update_mode: str = "train", ratio_tolerance: float = 1e-3,
-                 backend: str = "auto", device="cpu", sync: GradSync | None = None):
+                 backend: str = "auto", device="cpu", sync: GradSync | None = None, ratio_norm: bool = False):
         self.model, self.params, self.optimizer = model, list(params), optimizer
         self.train_batch_size, self.accumulation = int(train_batch_size), int(accumulation)
         self.max_grad_norm = float(max_grad_norm)
@@ -113,6 +114,7 @@ class Updater:
         self.ref_predict, self.ema = ref_predict, ema
         self.mixed_precision, self.update_mode = mixed_precision, update_mode
         self.ratio_tolerance, self.backend = float(ratio_tolerance), backend
+        self.ratio_norm = bool(ratio_norm)
         self.device = torch.device(device)
         self.sync = sync if sync is not None else GradSync(params=self.params)
 
@@ -135,9 +137,12 @@ class Updater:
             with autocast_context(self.device, self.mixed_precision):
                 v = self.model.predict(x, t, cond)
                 v_ref = self.ref_predict(x, t, cond) if self.ref_predict is not None else None
+            stats.nfe += x.shape[0] * (2 if v_ref is not None else 1)
+            v_old = rollout.old_outputs(rows[pos], steps[pos, j], self.device) if self.ratio_norm else None
             loss, st = grpo_step_loss(v, x, y, coeffs, old_logp, adv, clip_range=self.clip_range,
                                       clip_range_high=self.clip_range_high, ref_model_output=v_ref,
-                                      beta=self.kl_beta, backend=self.backend)
+                                      beta=self.kl_beta, backend=self.backend, ratio_norm=self.ratio_norm,
+                                      old_model_output=v_old)
             value = float(loss.detach())
             if not math.isfinite(value):
                 log.warning("non-finite loss (%s) at a micro-batch: this optimizer step is skipped", value)
