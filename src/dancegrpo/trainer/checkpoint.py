@@ -2,6 +2,7 @@
 
 Layout: ``output_dir/checkpoints/step_00000010/`` holding ``model.safetensors`` (the full
 state dict, or only the LoRA adapters), ``ema.safetensors`` (when EMA is on),
+``old_policy.safetensors`` (DiffusionNFT's old policy, algorithm=nft),
 ``optimizer.pt``, ``rng.pt`` (torch CPU/CUDA, Python, NumPy and the trainer's generators),
 ``state.json`` (step and run state), ``config.yaml`` and, written last, ``COMPLETE`` with
 the size and SHA-256 of every other file.
@@ -177,7 +178,8 @@ class CheckpointManager:
         return self.scan()[0]
 
     def save(self, step: int, *, model_state: dict, optimizer_state: dict, rng_state: dict, run_state: dict,
-             config_yaml: str, ema_state: dict | None = None, export=None) -> Path:
+             config_yaml: str, ema_state: dict | None = None, export=None,
+             old_policy_state: dict | None = None) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones. Returns its directory.
 
         export: optional ``f(directory)`` writing more files (e.g. a model's weights in its
@@ -189,7 +191,8 @@ class CheckpointManager:
         tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}-{time.monotonic_ns()}"
         try:
             tmp.mkdir()
-            self._write(tmp, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state, export)
+            self._write(tmp, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state, export,
+                        old_policy_state)
         except BaseException:  # an error or Ctrl-C mid-save: leave no half-written directory behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -202,7 +205,7 @@ class CheckpointManager:
 
     @staticmethod
     def _write(tmp: Path, step, model_state, optimizer_state, rng_state, run_state, config_yaml, ema_state,
-               export) -> None:
+               export, old_policy_state=None) -> None:
         files = {
             "model.safetensors": lambda p: _write_safetensors(p, model_state),
             "optimizer.pt": lambda p: _write_torch(p, optimizer_state),
@@ -212,6 +215,8 @@ class CheckpointManager:
         }
         if ema_state is not None:
             files["ema.safetensors"] = lambda p: _write_safetensors(p, ema_state)
+        if old_policy_state is not None:
+            files["old_policy.safetensors"] = lambda p: _write_safetensors(p, old_policy_state)
         meta = {}
         for name, write in files.items():
             write(tmp / name)
@@ -260,6 +265,8 @@ class CheckpointManager:
         }
         if (path / "ema.safetensors").is_file():
             out["ema"] = load_file(str(path / "ema.safetensors"))
+        if (path / "old_policy.safetensors").is_file():
+            out["old_policy"] = load_file(str(path / "old_policy.safetensors"))
         return out
 
 

@@ -41,6 +41,7 @@ from .evaluate import generate
 from .images import save_grid, save_reward_curve
 from .logs import MetricsLogger, peak_memory_mb, read_metrics
 from .lora import reference_predictor
+from .nft import NFTAlgorithm
 from .policy import (
     build_policy,
     build_run_dataset,
@@ -125,6 +126,7 @@ class Trainer:
                                kl_beta=cfg.loss.kl_beta, ref_predict=ref, ema=self.ema,
                                mixed_precision=cfg.mixed_precision, update_mode=cfg.update_mode,
                                ratio_tolerance=cfg.ratio_tolerance, backend=cfg.loss.backend, device=self.device)
+        self.nft = NFTAlgorithm(self) if cfg.algorithm == "nft" else None
         self.generators = {
             "noise": torch.Generator(self.device).manual_seed(cfg.seed * 1000 + 1),
             "data": torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 2),
@@ -180,6 +182,8 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
 
     def train_step(self) -> dict:
+        if self.nft is not None:  # DiffusionNFT: its own iteration (trainer/nft.py)
+            return self.nft.train_step()
         cfg, P, G = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size
         t0 = time.perf_counter()
         # 1. rollouts: G samples of each of P prompts, noise shared within a group
@@ -326,9 +330,11 @@ class Trainer:
             model_state=trainable_state(self.model, self.cfg.lora.enabled),
             optimizer_state=self.optimizer.state_dict(),
             rng_state=capture_rng(self.generators),
-            run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
+            run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled,
+                       **({"nft_updates": self.nft.updates} if self.nft is not None else {})},
             config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
             ema_state=self.ema.state_dict() if self.ema is not None else None,
+            old_policy_state=self.nft.state_dict() if self.nft is not None else None,
             export=self._export_weights(),
         )
         log.info("saved checkpoint %s", path)
@@ -352,6 +358,10 @@ class Trainer:
             if "ema" not in ckpt:
                 raise ConfigError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
             self.ema.load_state_dict(ckpt["ema"])
+        if self.nft is not None:
+            if "old_policy" not in ckpt:
+                raise ConfigError(f"checkpoint {path} has no DiffusionNFT old policy (it was not an algorithm=nft run)")
+            self.nft.load_state_dict(ckpt["old_policy"], ckpt["state"].get("nft_updates", 0), f"checkpoint {path}")
         restore_rng(ckpt["rng"], self.generators)
         self.step = int(ckpt["state"]["step"])
         self.skipped_total = int(ckpt["state"].get("skipped_total", 0))
