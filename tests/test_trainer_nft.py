@@ -69,8 +69,8 @@ def test_update_on_a_fixed_batch_lowers_the_loss_and_pulls_toward_positive_sampl
     B = 8
     x0 = torch.randn((B, *tr.model.latent_shape()), generator=g)
     items = tr.dataset.sample(2, generator=tr.generators["data"])
-    from dancegrpo.trainer.rollout import encode_items
     from dancegrpo.models.interface import repeat
+    from dancegrpo.trainer.rollout import encode_items
 
     _, cond = encode_items(tr.model, items, tr.device)
     cond = repeat(cond, 4)

@@ -77,7 +77,6 @@ class NFTAlgorithm:
 
     def __init__(self, trainer):
         self.tr = trainer
-        cfg = trainer.cfg
         if not hasattr(trainer.sampler, "sigmas"):
             raise ConfigError("algorithm=nft trains on the flow-matching forward process x_t = (1 - t) x0 + t eps: "
                               f"it needs a flow sampler (sampler.kind flow, or auto on a velocity model), got "
@@ -85,11 +84,7 @@ class NFTAlgorithm:
         self.named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
         self.old = {n: p.detach().clone() for n, p in self.named}
         self.updates = 0  # optimizer steps so far: drives the soft-update schedule
-        self.ref_predict = None
-        if cfg.loss.kl_beta > 0:
-            from .lora import reference_predictor
-
-            self.ref_predict = reference_predictor(trainer.model, cfg.lora.enabled)
+        self.ref_predict = trainer.updater.ref_predict  # the frozen base model when loss.kl_beta > 0
 
     # ------------------------------------------------------------------ the old policy
 
