@@ -13,7 +13,7 @@ from dancegrpo.ops import reference as R
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 SHAPES = {"torch": [(3, 1237), (2, 3, 5, 7)], "native": [(3, 1237), (2, 3, 5, 7), (2, 70001), (3, 4, 37, 41)],
-          "triton": [(3, 1237), (2, 3, 5, 7)]}
+          "triton": [(3, 1237), (2, 3, 5, 7), (2, 2300)]}  # 2300: 9 tiles, two combine iterations
 
 
 def _require(name):
