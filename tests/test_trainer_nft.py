@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "dancegrpo" / "configs"
 
 def nft_cfg(out, *overrides):
     return load_config(CONFIGS / "toy.yaml", [
-        f"output_dir={out}", "algorithm=nft", "log.progress=false", "log.num_sample_prompts=0", "log.sample_every=0",
+        f"output_dir={out}", "algorithm=nft", "rollout.share_noise=false", "log.progress=false", "log.num_sample_prompts=0", "log.sample_every=0",
         "checkpoint_every=2", "keep_checkpoints=0", "nft.timestep_fraction=0.25", "nft.decay_rate=0.1",
         *overrides])
 
@@ -58,6 +58,15 @@ def test_config_rejects_bad_nft_values(tmp_path):
         nft_cfg(tmp_path, "nft.decay_max=1.0")
     with pytest.raises(ConfigError, match="nft.beta must be finite > 0"):
         nft_cfg(tmp_path, "nft.beta=0")
+    with pytest.raises(ConfigError, match="rollout.share_noise must be false with algorithm=nft"):
+        nft_cfg(tmp_path, "rollout.share_noise=true")
+    nft_cfg(tmp_path, "rollout.share_noise=true", "nft.deterministic_rollout=false")  # SDE rollouts differ
+
+
+def test_deterministic_rollouts_give_distinct_samples_and_nonzero_advantages(tmp_path):
+    tr = Trainer(nft_cfg(tmp_path, "max_steps=1"))
+    m = tr.train_step()
+    assert m["adv_zero_frac"] < 0.5 and m["adv_std"] > 0
 
 
 def test_update_on_a_fixed_batch_lowers_the_loss_and_pulls_toward_positive_samples(tmp_path):

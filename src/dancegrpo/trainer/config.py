@@ -513,3 +513,7 @@ def _validate(cfg: TrainConfig) -> None:
     finite("nft.decay_max", n.decay_max, 0, 1)
     need(n.decay_max < 1, "nft.decay_max", "< 1 (the old policy must follow the policy)", n.decay_max)
     choice("nft.rollout_policy", n.rollout_policy, ("old", "current"))
+    if cfg.algorithm == "nft" and n.deterministic_rollout:
+        need(not r.share_noise, "rollout.share_noise", "false with algorithm=nft and nft.deterministic_rollout=true "
+             "(the ODE sampler from one shared noise gives G identical samples: every advantage would be 0)",
+             r.share_noise)
