@@ -158,3 +158,34 @@ def test_small_ops(benchmark, backend):
         sync(device)
     run()
     benchmark(run)
+
+
+def _nft_fn(backend):
+    """DiffusionNFT's loss: the public op per backend, or torch.compile of the reference."""
+    if backend != "torch.compile":
+        return lambda v, o, g, r, t: dg.nft_loss(v, o, g, r, t, beta=1.0, backend=backend)[0]
+    if "nft" not in _compiled:
+        _compiled["nft"] = torch.compile(lambda v, o, g, r, t: ref.nft_loss_ref(v, o, g, r, t, beta=1.0)[0].mean(),
+                                         dynamic=False)
+    return _compiled["nft"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nft_loss_full(benchmark, backend, shape):
+    """nft_loss forward + backward: bf16 v, bf16 old-policy output, fp32 target."""
+    v, x, y, _ = _inputs(shape)
+    v_old = (v.detach().float() + 0.05 * x).to(v.dtype)
+    B, device = v.shape[0], v.device
+    g = torch.Generator(device="cpu").manual_seed(1)
+    r, t = torch.rand(B, generator=g).to(device), (0.1 + 0.8 * torch.rand(B, generator=g)).to(device)
+    f = _nft_fn(backend)
+    benchmark.group = f"nft_loss-full-{shape}"
+    benchmark.extra_info.update(shape=list(v.shape), backend=backend, device=str(device))
+
+    def run():
+        v.grad = None
+        f(v, v_old, y, r, t).backward()
+        sync(device)
+    run()
+    benchmark.extra_info["peak_extra_mib"] = _peak(device, run)
+    benchmark(run)

@@ -129,4 +129,27 @@ void check_policy_grad(const at::Tensor& g_loss, const at::Tensor& logp, int64_t
   }
 }
 
+void check_nft_args(const char* op, const at::Tensor& v, const at::Tensor& v_old,
+                    const at::Tensor& target, const at::Tensor& r, const at::Tensor& t, double beta,
+                    double eps) {
+  check_latent(op, "v", v, v, "v");
+  check_latent(op, "v_old", v_old, v, "v");
+  check_latent(op, "target", target, v, "v");
+  const c10::SymInt batch = v.sym_size(0);
+  check_per_sample(op, "r", r, batch, v);
+  check_per_sample(op, "t", t, batch, v);
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, op, ": beta must be finite and > 0, got ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, op, ": eps must be finite and > 0, got ", eps);
+}
+
+void check_nft_grads(const at::Tensor& g_per, const at::Tensor& parts, const at::Tensor& v) {
+  const char* op = "dancegrpo::nft_loss_bwd";
+  const c10::SymInt batch = v.sym_size(0);
+  check_per_sample(op, "g_per", g_per, batch, v);
+  TORCH_CHECK_TYPE(parts.scalar_type() == at::kFloat, op, ": parts must be float32, got ", parts.scalar_type());
+  TORCH_CHECK_VALUE(parts.dim() == 2 && parts.sym_size(0) == batch && parts.sym_size(1) == 5, op,
+                    ": parts must have shape (", batch, ", 5), got ", parts.sym_sizes());
+  TORCH_CHECK_VALUE(parts.device() == v.device(), op, ": parts is on ", parts.device(), ", expected ", v.device());
+}
+
 }  // namespace dancegrpo

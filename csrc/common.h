@@ -81,6 +81,15 @@ at::Tensor policy_loss_bwd_cpu(const at::Tensor& g_loss, const at::Tensor& logp,
                                const std::optional<at::Tensor>& ref_logp, double clip_low,
                                double clip_high, double beta, int64_t reduction);
 
+std::tuple<at::Tensor, at::Tensor> nft_loss_fwd_cpu(const at::Tensor& v, const at::Tensor& v_old,
+                                                    const at::Tensor& target, const at::Tensor& r,
+                                                    const at::Tensor& t, double beta, double eps,
+                                                    bool adaptive);
+
+at::Tensor nft_loss_bwd_cpu(const at::Tensor& g_per, const at::Tensor& v, const at::Tensor& v_old,
+                            const at::Tensor& target, const at::Tensor& r, const at::Tensor& t,
+                            const at::Tensor& parts, double beta, bool adaptive);
+
 // ---- Meta kernels (meta.cpp): shapes and dtypes only, for FakeTensor / torch.compile ------
 
 std::tuple<at::Tensor, at::Tensor> logprob_fwd_meta(
@@ -112,6 +121,15 @@ at::Tensor policy_loss_bwd_meta(const at::Tensor& g_loss, const at::Tensor& logp
                                 const std::optional<at::Tensor>& ref_logp, double clip_low,
                                 double clip_high, double beta, int64_t reduction);
 
+std::tuple<at::Tensor, at::Tensor> nft_loss_fwd_meta(const at::Tensor& v, const at::Tensor& v_old,
+                                                     const at::Tensor& target, const at::Tensor& r,
+                                                     const at::Tensor& t, double beta, double eps,
+                                                     bool adaptive);
+
+at::Tensor nft_loss_bwd_meta(const at::Tensor& g_per, const at::Tensor& v, const at::Tensor& v_old,
+                             const at::Tensor& target, const at::Tensor& r, const at::Tensor& t,
+                             const at::Tensor& parts, double beta, bool adaptive);
+
 // ---- argument checks shared by the CPU and Meta kernels (checks.cpp) ----------------------
 
 // logprob_fwd / logprob_bwd / sample_step (y is the noise for sample_step).
@@ -129,5 +147,11 @@ void check_policy_args(const char* op, const at::Tensor& logp, const at::Tensor&
                        double clip_low, double clip_high, double beta, int64_t reduction);
 // policy_loss_bwd's upstream gradient: () for mean/sum, (B,) for none.
 void check_policy_grad(const at::Tensor& g_loss, const at::Tensor& logp, int64_t reduction);
+// nft_loss_fwd / nft_loss_bwd: v, v_old, target alike (B, ...); r, t fp32 (B,); beta > 0, eps > 0.
+void check_nft_args(const char* op, const at::Tensor& v, const at::Tensor& v_old,
+                    const at::Tensor& target, const at::Tensor& r, const at::Tensor& t, double beta,
+                    double eps);
+// nft_loss_bwd's upstream gradient g_per (B,) and the forward's parts (B, 5).
+void check_nft_grads(const at::Tensor& g_per, const at::Tensor& parts, const at::Tensor& v);
 
 }  // namespace dancegrpo

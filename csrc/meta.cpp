@@ -78,4 +78,21 @@ at::Tensor policy_loss_bwd_meta(const at::Tensor& g_loss, const at::Tensor& logp
   return per_sample_out(logp.sym_size(0), logp);
 }
 
+std::tuple<at::Tensor, at::Tensor> nft_loss_fwd_meta(const at::Tensor& v, const at::Tensor& v_old,
+                                                     const at::Tensor& target, const at::Tensor& r,
+                                                     const at::Tensor& t, double beta, double eps,
+                                                     bool adaptive) {
+  check_nft_args("dancegrpo::nft_loss_fwd", v, v_old, target, r, t, beta, eps);
+  const c10::SymInt batch = v.sym_size(0);
+  return {per_sample_out(batch, r), at::empty_symint({batch, 5}, r.options().dtype(at::kFloat))};
+}
+
+at::Tensor nft_loss_bwd_meta(const at::Tensor& g_per, const at::Tensor& v, const at::Tensor& v_old,
+                             const at::Tensor& target, const at::Tensor& r, const at::Tensor& t,
+                             const at::Tensor& parts, double beta, bool adaptive) {
+  check_nft_args("dancegrpo::nft_loss_bwd", v, v_old, target, r, t, beta, 1.0);
+  check_nft_grads(g_per, parts, v);
+  return at::empty_symint(v.sym_sizes(), v.options());
+}
+
 }  // namespace dancegrpo

@@ -30,6 +30,12 @@ TORCH_LIBRARY(dancegrpo, m) {
   m.def(
       "policy_loss_bwd(Tensor g_loss, Tensor logp, Tensor old_logp, Tensor adv, Tensor? ref_logp, "
       "float clip_low, float clip_high, float beta, int reduction) -> Tensor");
+  m.def(
+      "nft_loss_fwd(Tensor v, Tensor v_old, Tensor target, Tensor r, Tensor t, float beta, "
+      "float eps, bool adaptive) -> (Tensor per, Tensor parts)");
+  m.def(
+      "nft_loss_bwd(Tensor g_per, Tensor v, Tensor v_old, Tensor target, Tensor r, Tensor t, "
+      "Tensor parts, float beta, bool adaptive) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dancegrpo, CPU, m) {
@@ -39,6 +45,8 @@ TORCH_LIBRARY_IMPL(dancegrpo, CPU, m) {
   m.impl("group_advantages", &dancegrpo::group_advantages_cpu);
   m.impl("policy_loss_fwd", &dancegrpo::policy_loss_fwd_cpu);
   m.impl("policy_loss_bwd", &dancegrpo::policy_loss_bwd_cpu);
+  m.impl("nft_loss_fwd", &dancegrpo::nft_loss_fwd_cpu);
+  m.impl("nft_loss_bwd", &dancegrpo::nft_loss_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dancegrpo, Meta, m) {
@@ -48,6 +56,8 @@ TORCH_LIBRARY_IMPL(dancegrpo, Meta, m) {
   m.impl("group_advantages", &dancegrpo::group_advantages_meta);
   m.impl("policy_loss_fwd", &dancegrpo::policy_loss_fwd_meta);
   m.impl("policy_loss_bwd", &dancegrpo::policy_loss_bwd_meta);
+  m.impl("nft_loss_fwd", &dancegrpo::nft_loss_fwd_meta);
+  m.impl("nft_loss_bwd", &dancegrpo::nft_loss_bwd_meta);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -7,6 +7,7 @@ their launchers (``op_fwd``: grid, block sizes, output allocation):
 * ``sample_step``: the rollout step (mean, noise or in-kernel Philox noise, log-prob) in one pass.
 * ``advantages``: group-normalised advantages, one launch.
 * ``policy_loss``: clipped surrogate + k3 KL forward and backward, one launch each.
+* ``nft_loss``: DiffusionNFT's two implicit-policy MSEs, weights and statistics in one pass; one-pass backward.
 * ``custom_ops``: registers the launchers as ``torch.ops.dancegrpo_triton.*`` custom ops.
 
 Nothing is imported here: importing a submodule imports Triton and defines the kernels

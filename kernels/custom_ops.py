@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .advantages import group_advantages_fwd
+from .nft_loss import nft_loss_bwd, nft_loss_fwd
 from .policy_loss import policy_loss_bwd, policy_loss_fwd
 from .sample_step import sample_step_fwd
 from .step_logprob import logprob_bwd, logprob_fwd
@@ -116,3 +117,28 @@ def _policy_loss_bwd(g_loss: Tensor, logp: Tensor, old_logp: Tensor, adv: Tensor
 @_policy_loss_bwd.register_fake
 def _(g_loss, logp, old_logp, adv, ref_logp, clip_low, clip_high, beta, reduction):
     return logp.new_empty(logp.shape)
+
+
+@_op("nft_loss_fwd", "(Tensor v, Tensor v_old, Tensor target, Tensor r, Tensor t, float beta, float eps, "
+                     "bool adaptive) -> (Tensor, Tensor)")
+def _nft_loss_fwd(v: Tensor, v_old: Tensor, target: Tensor, r: Tensor, t: Tensor, beta: float, eps: float,
+                  adaptive: bool) -> tuple[Tensor, Tensor]:
+    return nft_loss_fwd(v, v_old, target, r, t, beta, eps, adaptive)
+
+
+@_nft_loss_fwd.register_fake
+def _(v, v_old, target, r, t, beta, eps, adaptive):
+    batch = v.shape[0]
+    return v.new_empty((batch,), dtype=_F32), v.new_empty((batch, 5), dtype=_F32)
+
+
+@_op("nft_loss_bwd", "(Tensor g_per, Tensor v, Tensor v_old, Tensor target, Tensor r, Tensor t, Tensor parts, "
+                     "float beta, bool adaptive) -> Tensor")
+def _nft_loss_bwd(g_per: Tensor, v: Tensor, v_old: Tensor, target: Tensor, r: Tensor, t: Tensor, parts: Tensor,
+                  beta: float, adaptive: bool) -> Tensor:
+    return nft_loss_bwd(g_per, v, v_old, target, r, t, parts, beta, adaptive)
+
+
+@_nft_loss_bwd.register_fake
+def _(g_per, v, v_old, target, r, t, parts, beta, adaptive):
+    return v.new_empty(v.shape)

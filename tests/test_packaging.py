@@ -66,10 +66,12 @@ for backend in ("torch", "native", "auto"):
         loss2, _ = dg.grpo_step_loss(v, x, y, c, logp0, adv, ref_model_output=v.detach() + 0.01, beta=0.1,
                                      backend=backend)
         loss3, _ = dg.GRPOStepLoss(beta=0.0, backend=backend)(v, x, y2, c, logp0, adv)
-        (loss + loss2 + loss3).backward()
+        loss4, _ = dg.nft_loss(v, v.detach() + 0.01, x, torch.rand(B, generator=g), torch.rand(B, generator=g),
+                               backend=backend)
+        (loss + loss2 + loss3 + loss4).backward()
         assert v.grad is not None and bool(torch.isfinite(v.grad).all()), backend
 called |= {"ode_step", "sample_step", "step_logprob", "group_advantages", "clipped_ratio_loss", "grpo_step_loss",
-           "GRPOStepLoss"}
+           "GRPOStepLoss", "nft_loss"}
 
 missing = sorted(n for n in dg.__all__ if callable(getattr(dg, n)) and n not in called)
 assert not missing, f"public ops this script does not run yet: {missing}"

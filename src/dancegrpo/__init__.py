@@ -9,6 +9,7 @@ from .functional import (
     clipped_ratio_loss,
     group_advantages,
     grpo_step_loss,
+    nft_loss,
     ode_step,
     sample_step,
     step_logprob,
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "StepCoeffs", "flow_sde_coeffs", "ddim_coeffs", "flow_schedule",
-    "step_logprob", "sample_step", "ode_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss",
+    "step_logprob", "sample_step", "ode_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss", "nft_loss",
     "GRPOStepLoss", "__version__",
 ]

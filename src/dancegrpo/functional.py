@@ -13,9 +13,10 @@ from .coeffs import StepCoeffs
 from .ops import reference as ref
 from .ops import validate as check
 from .ops.dispatch import select_backend
-from .ops.reference import AGGREGATES, LOG_SQRT_2PI, REDUCTIONS, STD_MODES
+from .ops.reference import AGGREGATES, LOG_SQRT_2PI, NFT_WEIGHTINGS, REDUCTIONS, STD_MODES
 
-__all__ = ["step_logprob", "sample_step", "ode_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss"]
+__all__ = ["step_logprob", "sample_step", "ode_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss",
+           "nft_loss"]
 
 
 def _coeffs(op: str, coeffs, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,3 +336,48 @@ def grpo_step_loss(model_output, latents, next_latents, coeffs, old_logp, advant
             loss = loss + beta * kl.mean()
     stats["logp"] = logp.detach()
     return loss, stats
+
+
+def nft_loss(model_output, old_model_output, target, optimality, t, *, beta=1.0, weighting="adaptive", eps=1e-5,
+             backend="auto"):
+    """DiffusionNFT's loss on forward-noised samples (docs/algorithms_nft.md), in one fused pass.
+
+    model_output (B, ...) the trained velocity v on x_t (with grad; bf16 is fine);
+    old_model_output (B, ...) the frozen old policy's velocity on the same x_t; target (B, ...)
+    the flow-matching velocity ``noise - x0`` of ``x_t = (1 - t) x0 + t noise``; optimality
+    (B,) the probabilities r in [0, 1] that each sample is "positive"; t (B,) the noise levels.
+    beta > 0 sets the implicit policies ``v_pos = (1 - beta) v_old + beta v`` and
+    ``v_neg = (1 + beta) v_old - beta v``. ``weighting="adaptive"`` measures each error in
+    x0 space, ``t (v - target)``, divided by its detached per-sample mean absolute value
+    (floored at eps); ``"none"`` is the plain velocity MSE. Gradient flows to model_output only.
+
+    Returns ``(loss, stats)``: 0-d loss = mean over the batch of ``(r L_pos + (1 - r) L_neg) /
+    beta``; stats (detached 0-d): positive_loss, negative_loss (batch means of L_pos, L_neg) and
+    old_deviation (mean squared distance of v to v_old). The readable spec is
+    ``dancegrpo.ops.reference.nft_loss_ref``.
+
+    Equivalent PyTorch (weighting="none")::
+
+        pos = (1 - beta) * v_old + beta * v
+        neg = (1 + beta) * v_old - beta * v
+        l_pos = ((pos - target) ** 2).flatten(1).mean(1)
+        l_neg = ((neg - target) ** 2).flatten(1).mean(1)
+        loss = ((r * l_pos + (1 - r) * l_neg) / beta).mean()
+    """
+    op = "nft_loss"
+    check.choice(op, "weighting", weighting, NFT_WEIGHTINGS)
+    beta = check.nonneg_float(op, "beta", beta, positive=True)
+    eps = check.nonneg_float(op, "eps", eps, positive=True)
+    for name, value in (("model_output", model_output), ("old_model_output", old_model_output), ("target", target)):
+        check.tensor(op, name, value)
+    batch, device = check.latents(op, model_output=model_output, old_model_output=old_model_output, target=target)
+    check.per_sample(op, batch, device, optimality=optimality, t=t)
+    check.all_true((optimality >= 0) & (optimality <= 1), f"{op}: optimality must lie in [0, 1]",
+                   got=lambda: f", got {optimality.detach().flatten().tolist()[:8]}")
+    impl = select_backend(op, backend, (model_output, old_model_output, target))
+    dt = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+    v, v_old, tgt, r, tt = _contig(model_output, old_model_output.detach(), target.detach(),
+                                   optimality.detach().to(dt), t.detach().to(dt))
+    per, parts = impl.nft_loss(v, v_old, tgt, r, tt, beta, eps, weighting == "adaptive")
+    p = parts.detach().mean(0)
+    return per.mean(), {"positive_loss": p[0], "negative_loss": p[1], "old_deviation": p[4]}

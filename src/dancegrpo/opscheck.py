@@ -45,6 +45,11 @@ def run(shape=VIDEO_LATENT, device=None) -> list[dict]:
     v64 = v.double().requires_grad_(True)
     dg.step_logprob(v64, x.double(), y_ref.float().double(), c, backend="torch").sum().backward()
     y = y_ref.float()
+    # DiffusionNFT's loss on the same latent: v against a nearby old-policy output, target noise - x.
+    v_old = (v.float() + 0.05 * noise).to(torch.bfloat16)
+    r, t = torch.rand(B, generator=g).to(device), (0.1 + 0.8 * torch.rand(B, generator=g)).to(device)
+    v64n = v.double().requires_grad_(True)
+    dg.nft_loss(v64n, v_old.double(), (noise - x).double(), r, t, backend="torch")[0].backward()
     rows = []
     for name, reasons in dispatch.availability(device.type).items():
         if reasons:
@@ -57,6 +62,12 @@ def run(shape=VIDEO_LATENT, device=None) -> list[dict]:
             vg.grad = None
             dg.step_logprob(vg, x, y, c, backend=name).sum().backward()
 
+        def nft():
+            vg.grad = None
+            dg.nft_loss(vg, v_old, noise - x, r, t, backend=name)[0].backward()
+
+        nft()
+        nft_grad_err = float((vg.grad.double() - v64n.grad).abs().max() / v64n.grad.abs().max())
         full()
         lp = dg.step_logprob(vg, x, y, c, backend=name).detach()
         rows.append(dict(
@@ -66,6 +77,7 @@ def run(shape=VIDEO_LATENT, device=None) -> list[dict]:
             logp_err=float((lp.double() - logp_ref).abs().max()),
             sample_logp_err=float((logp.double() - logp_ref).abs().max()),
             grad_rel_err=float((vg.grad.double() - v64.grad).abs().max() / v64.grad.abs().max()),
+            nft_ms=1e3 * _time(nft, device), nft_grad_rel_err=nft_grad_err,
         ))
     return rows
 
@@ -73,13 +85,15 @@ def run(shape=VIDEO_LATENT, device=None) -> list[dict]:
 def format_table(rows, shape) -> str:
     out = [f"GRPO ops on a latent of shape {tuple(shape)} (bf16 model output, fp32 latents), "
            "checked against the float64 reference:",
-           f"{'backend':<8} {'sample_step':>12} {'logprob fwd+bwd':>16} {'max|dlogp|':>11} {'grad rel err':>13}"]
+           f"{'backend':<8} {'sample_step':>12} {'logprob fwd+bwd':>16} {'max|dlogp|':>11} {'grad rel err':>13} "
+           f"{'nft_loss fwd+bwd':>17} {'nft grad err':>13}"]
     for r in rows:
         if r["status"] != "ok":
             out.append(f"{r['backend']:<8} {r['status']}")
             continue
         out.append(f"{r['backend']:<8} {r['sample_ms']:>10.1f}ms {r['full_ms']:>14.1f}ms "
-                   f"{max(r['logp_err'], r['sample_logp_err']):>11.2e} {r['grad_rel_err']:>13.2e}")
+                   f"{max(r['logp_err'], r['sample_logp_err']):>11.2e} {r['grad_rel_err']:>13.2e} "
+                   f"{r['nft_ms']:>15.1f}ms {r['nft_grad_rel_err']:>13.2e}")
     return "\n".join(out)
 
 

@@ -30,6 +30,16 @@ with a fake/meta kernel so ``torch.compile`` traces through them:
         [clip_fraction, approx_kl, ratio_mean].
     policy_loss_bwd(Tensor g_loss, Tensor logp, Tensor old_logp, Tensor adv, Tensor? ref_logp,
                 float clip_low, float clip_high, float beta, int reduction) -> Tensor g_logp
+    nft_loss_fwd(Tensor v, Tensor v_old, Tensor target, Tensor r, Tensor t, float beta,
+                float eps, bool adaptive) -> (Tensor per, Tensor parts)
+        With d+ = (1 - beta) v_old + beta v - target, d- = (1 + beta) v_old - beta v - target,
+        s = t (adaptive) or 1: L+- = mean((s d+-)^2) / w+-, w+- = max(mean|s d+-|, eps)
+        (adaptive) or 1; per (B,) fp32 = (r L+ + (1 - r) L-) / beta;
+        parts (B, 5) fp32 = [L+, L-, w+, w-, mean((v - v_old)^2)]. One pass over the inputs.
+    nft_loss_bwd(Tensor g_per, Tensor v, Tensor v_old, Tensor target, Tensor r, Tensor t,
+                Tensor parts, float beta, bool adaptive) -> Tensor gv
+        gv = g_per 2 s^2 / N (r d+ / w+ - (1 - r) d- / w-) in v's dtype (w from parts, the
+        weights held constant as in the reference). One pass.
 
 All per-sample scalars (a, b, std, logp...) are fp32 (B,) tensors. Every op accepts inputs of
 any strides (a strided input is copied once inside the op) and returns contiguous outputs, in
@@ -47,7 +57,7 @@ from .reference import REDUCTIONS, STD_MODES
 
 
 def register_autograd(namespace: str) -> None:
-    """Attach backward formulas to ``namespace::logprob_fwd`` and ``namespace::policy_loss_fwd``."""
+    """Attach backward formulas to ``namespace::logprob_fwd``, ``policy_loss_fwd`` and ``nft_loss_fwd``."""
     ops = getattr(torch.ops, namespace)
 
     def logprob_setup(ctx, inputs, output):
@@ -77,6 +87,18 @@ def register_autograd(namespace: str) -> None:
 
     torch.library.register_autograd(f"{namespace}::policy_loss_fwd", loss_backward, setup_context=loss_setup)
 
+    def nft_setup(ctx, inputs, output):
+        v, v_old, target, r, t, beta, eps, adaptive = inputs
+        ctx.save_for_backward(v, v_old, target, r, t, output[1])
+        ctx.args = (beta, adaptive)
+
+    def nft_backward(ctx, g_per, g_parts):
+        v, v_old, target, r, t, parts = ctx.saved_tensors
+        gv = ops.nft_loss_bwd(g_per, v, v_old, target, r, t, parts, *ctx.args) if ctx.needs_input_grad[0] else None
+        return gv, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{namespace}::nft_loss_fwd", nft_backward, setup_context=nft_setup)
+
 
 class CompiledBackend(Backend):
     """A backend whose ops live in ``torch.ops.<namespace>`` with the schemas above."""
@@ -103,3 +125,6 @@ class CompiledBackend(Backend):
     def clipped_ratio_loss(self, logp, old_logp, adv, ref_logp, clip_low, clip_high, beta, reduction):
         return self._ops().policy_loss_fwd(logp, old_logp, adv, ref_logp, float(clip_low), float(clip_high),
                                            float(beta), REDUCTIONS.index(reduction))
+
+    def nft_loss(self, v, v_old, target, r, t, beta, eps, adaptive):
+        return self._ops().nft_loss_fwd(v, v_old, target, r, t, float(beta), float(eps), bool(adaptive))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 # grpo_step_loss composes step_logprob (with v_ref) and clipped_ratio_loss of one backend.
-OPS = ("step_logprob", "sample_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss")
+OPS = ("step_logprob", "sample_step", "group_advantages", "clipped_ratio_loss", "grpo_step_loss", "nft_loss")
 
 # name -> "module:attribute" of the Backend instance; imported on first use.
 _BACKEND_PATHS = {
@@ -53,6 +53,8 @@ class Backend:
       aggregate, drop_nonfinite) -> (B,) fp32``.
     * ``clipped_ratio_loss(logp, old_logp, adv, ref_logp, clip_low, clip_high, beta,
       reduction) -> (loss, stats (3,))``: differentiable in logp.
+    * ``nft_loss(v, v_old, target, r, t, beta, eps, adaptive) -> (per (B,), parts (B, 5))``:
+      DiffusionNFT's per-sample loss (``reference.nft_loss_ref``), differentiable in v only.
     """
 
     name: str = "?"

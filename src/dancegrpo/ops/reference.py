@@ -213,3 +213,46 @@ def grpo_step_loss_ref(v, x, y, a, b, std, old_logp, advantages, *, clip_low=1e-
         loss = loss + beta * kl.mean()
     stats["logp"] = logp.detach()
     return loss, stats
+
+
+NFT_WEIGHTINGS = ("adaptive", "none")
+
+
+def nft_loss_ref(v, v_old, target, r, t, *, beta=1.0, weighting="adaptive", eps=1e-5):
+    """DiffusionNFT's per-sample loss on a forward-noised sample (docs/algorithms_nft.md).
+
+    v (B, ...) the trained model's velocity (differentiable); v_old (B, ...) the frozen old
+    policy's velocity on the same x_t; target (B, ...) the flow-matching velocity eps - x0;
+    r (B,) optimality probabilities in [0, 1]; t (B,) the noise level of x_t = (1 - t) x0 + t eps.
+
+        v_pos = (1 - beta) v_old + beta v          (implicit positive policy)
+        v_neg = (1 + beta) v_old - beta v          (implicit negative policy)
+        e_pos = s (v_pos - target), e_neg = s (v_neg - target)
+        L_pos = mean(e_pos^2) / w_pos,  L_neg = mean(e_neg^2) / w_neg
+        per   = (r L_pos + (1 - r) L_neg) / beta
+
+    ``weighting="adaptive"``: s = t, so e is the x0-prediction error (x_t - t v) - x0, and
+    w = max(mean|e|, eps), detached (the reference implementation's adaptive weight);
+    ``"none"``: s = 1, w = 1 (the plain velocity MSE of the paper's objective).
+    Returns ``(per (B,), parts (B, 5))``, parts = [L_pos, L_neg, w_pos, w_neg, mean((v - v_old)^2)]
+    detached, in the compute dtype.
+    """
+    dt = compute_dtype(v, v_old, target, r, t)
+    v2, o2, g2 = (_per_sample(x, dt) for x in (v, v_old.detach(), target.detach()))
+    r2, t2 = r.detach().to(dt), t.detach().to(dt)
+    scale = t2[:, None] if weighting == "adaptive" else torch.ones_like(t2)[:, None]
+
+    def term(pred):
+        err = scale * (pred - g2)
+        if weighting == "adaptive":
+            w = err.detach().abs().mean(1).clamp(min=eps)
+        else:
+            w = torch.ones_like(t2)
+        return (err ** 2).mean(1) / w, w
+
+    l_pos, w_pos = term((1 - beta) * o2 + beta * v2)
+    l_neg, w_neg = term((1 + beta) * o2 - beta * v2)
+    per = (r2 * l_pos + (1 - r2) * l_neg) / beta
+    with torch.no_grad():
+        parts = torch.stack([l_pos, l_neg, w_pos, w_neg, ((v2 - o2) ** 2).mean(1)], 1)
+    return per, parts

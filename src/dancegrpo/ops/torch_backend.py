@@ -31,4 +31,9 @@ class TorchBackend(Backend):
                                           ref_logp=ref_logp, beta=beta, reduction=reduction)
 
 
+    def nft_loss(self, v, v_old, target, r, t, beta, eps, adaptive):
+        return ref.nft_loss_ref(v, v_old, target, r, t, beta=beta, eps=eps,
+                                weighting="adaptive" if adaptive else "none")
+
+
 BACKEND = TorchBackend()

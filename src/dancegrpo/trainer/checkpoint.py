@@ -5,7 +5,8 @@ One format for any number of processes. Layout: ``output_dir/checkpoints/step_00
 format: one ``__<rank>_0.distcp`` shard file per rank plus ``.metadata``; only the LoRA
 adapters under LoRA), ``rng/rank_<rank>.pt`` (each rank's torch CPU/CUDA, Python, NumPy and
 trainer-generator states), ``model.safetensors`` and ``ema.safetensors`` (the whole trainable
-state gathered on rank 0, for inference and exports), ``state.json`` (step, world size, run
+state gathered on rank 0, for inference and exports), ``old_policy.safetensors``
+(DiffusionNFT's old policy, algorithm=nft, one process), ``state.json`` (step, world size, run
 state), ``config.yaml``, the model's own-format export if any and, written last, ``COMPLETE``
 with the size and SHA-256 of every other file.
 
@@ -228,7 +229,8 @@ class CheckpointManager:
         return self.scan()[0]
 
     def save(self, step: int, *, model, optimizer, rng_state: dict, run_state: dict, config_yaml: str,
-             ema: dict | None = None, trainable_only: bool = False, export=None) -> Path:
+             ema: dict | None = None, trainable_only: bool = False, export=None,
+             old_policy_state: dict | None = None) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones (collective). Returns its directory.
 
         model, optimizer: the module as trained (plain, DDP or FSDP2) and its optimizer.
@@ -258,7 +260,7 @@ class CheckpointManager:
             metas = _agree(own_files, f"checkpoint step {step}: writing the per-rank files")
 
             def seal():
-                self._write(tmp, step, world, full, full_ema, run_state, config_yaml, export,
+                self._write(tmp, step, world, full, full_ema, run_state, config_yaml, export, old_policy_state,
                             {k: v for m in metas for k, v in m.items()})
                 if final.exists():  # the same step saved again (e.g. a resumed run): replace it
                     self._discard(final)
@@ -281,7 +283,8 @@ class CheckpointManager:
         return tmp
 
     @staticmethod
-    def _write(tmp: Path, step, world, model_state, ema_state, run_state, config_yaml, export, meta) -> None:
+    def _write(tmp: Path, step, world, model_state, ema_state, run_state, config_yaml, export, old_policy_state,
+               meta) -> None:
         """Rank 0's files, the hashes of everything not hashed yet, then ``COMPLETE``."""
         files = {
             "model.safetensors": lambda p: _write_safetensors(p, model_state),
@@ -291,6 +294,8 @@ class CheckpointManager:
         }
         if ema_state is not None:
             files["ema.safetensors"] = lambda p: _write_safetensors(p, ema_state)
+        if old_policy_state is not None:
+            files["old_policy.safetensors"] = lambda p: _write_safetensors(p, old_policy_state)
         for name, write in files.items():
             write(tmp / name)
         if export is not None:
@@ -348,12 +353,15 @@ class CheckpointManager:
                                   f"optim.ema_decay changed?): {_dcp_error(exc)}") from None
         saved_world = int(state.get("world_size", 1))
         rng_rank = rank if saved_world == world else 0
-        return {
+        out = {
             "path": path,
             "rng": torch.load(path / "rng" / f"rank_{rng_rank:05d}.pt", map_location="cpu", weights_only=True),
             "state": state,
             "config_yaml": (path / "config.yaml").read_text(),
         }
+        if (path / "old_policy.safetensors").is_file():
+            out["old_policy"] = load_file(str(path / "old_policy.safetensors"))
+        return out
 
     @staticmethod
     def load(path) -> dict:
@@ -369,6 +377,8 @@ class CheckpointManager:
         }
         if (path / "ema.safetensors").is_file():
             out["ema"] = load_file(str(path / "ema.safetensors"))
+        if (path / "old_policy.safetensors").is_file():
+            out["old_policy"] = load_file(str(path / "old_policy.safetensors"))
         return out
 
 

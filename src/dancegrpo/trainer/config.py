@@ -25,7 +25,7 @@ from ..errors import ConfigError, MissingFileError
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RewardConfig", "SamplerConfig", "RolloutConfig",
            "AdvantageConfig", "TimestepConfig", "OptimConfig", "LossConfig", "LoraConfig", "LogConfig",
-           "EvalConfig", "DistributedConfig", "ConfigError", "load_config", "save_config", "config_from_dict", "config_to_dict",
+           "EvalConfig", "DistributedConfig", "NFTConfig", "ConfigError", "load_config", "save_config", "config_from_dict", "config_to_dict",
            "apply_overrides", "find_config", "shipped_configs"]
 
 
@@ -170,6 +170,20 @@ class DistributedConfig:
 
 
 @dataclass
+class NFTConfig:
+    """DiffusionNFT (``algorithm: nft``; docs/algorithms_nft.md). Defaults: the paper's SD3.5 setup."""
+    beta: float = 1.0              # implicit policies (1 - beta) v_old + beta v, (1 + beta) v_old - beta v
+    adv_clip: float = 5.0          # r = 1/2 + 1/2 clip(A / adv_clip, -1, 1); the loss is scaled by it
+    weighting: str = "adaptive"    # adaptive (x0 error / its mean |.|) | none (velocity MSE)
+    timestep_fraction: float = 0.99  # share of the sampler's noise levels trained per sample
+    decay_start: int = 0           # old <- d old + (1 - d) theta, d = min(rate (updates - start), max)
+    decay_rate: float = 0.001
+    decay_max: float = 0.5
+    deterministic_rollout: bool = True  # ODE sampler for data collection (else the SDE of sampler.*)
+    rollout_policy: str = "old"    # old (the paper) | current
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     max_steps: int = 200           # iterations: one rollout and its updates each
@@ -183,6 +197,7 @@ class TrainConfig:
     mixed_precision: str = "no"    # no | bf16 (autocast the network; log-probs stay fp32)
     update_mode: str = "train"     # module mode of the training forward (rollouts run in eval)
     ratio_tolerance: float = 1e-3  # |mean ratio - 1| allowed at the first update after a rollout
+    algorithm: str = "grpo"        # grpo (clipped-ratio policy gradient) | nft (DiffusionNFT)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
@@ -196,6 +211,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked on load). Raises ConfigError naming the key."""
@@ -544,6 +560,22 @@ def _validate(cfg: TrainConfig) -> None:
     choice("distributed.backend", d.backend, ("auto", "nccl", "gloo"))
     finite("distributed.timeout_s", d.timeout_s, 0, lo_open=True)
     choice("distributed.reference", d.reference, ("shard", "cpu"))
+
+    choice("algorithm", cfg.algorithm, ("grpo", "nft"))
+    n = cfg.nft
+    finite("nft.beta", n.beta, 0, lo_open=True)
+    finite("nft.adv_clip", n.adv_clip, 0, lo_open=True)
+    choice("nft.weighting", n.weighting, ("adaptive", "none"))
+    finite("nft.timestep_fraction", n.timestep_fraction, 0, 1, lo_open=True)
+    pos_int("nft.decay_start", n.decay_start, 0)
+    finite("nft.decay_rate", n.decay_rate, 0)
+    finite("nft.decay_max", n.decay_max, 0, 1)
+    need(n.decay_max < 1, "nft.decay_max", "< 1 (the old policy must follow the policy)", n.decay_max)
+    choice("nft.rollout_policy", n.rollout_policy, ("old", "current"))
+    if cfg.algorithm == "nft" and n.deterministic_rollout:
+        need(not r.share_noise, "rollout.share_noise", "false with algorithm=nft and nft.deterministic_rollout=true "
+             "(the ODE sampler from one shared noise gives G identical samples: every advantage would be 0)",
+             r.share_noise)
 
 
 def _validate_tree(tr: TreeConfig, group_size: int, num_steps: int, best_of_k: int, need) -> None:

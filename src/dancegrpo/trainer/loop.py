@@ -47,6 +47,7 @@ from .evaluate import HeldoutEval, generate
 from .images import save_grid, save_reward_curve
 from .logs import MetricsLogger, peak_memory_mb, read_metrics
 from .lora import reference_predictor
+from .nft import NFTAlgorithm
 from .noise import SampleNoise
 from .policy import (
     build_policy,
@@ -100,9 +101,9 @@ class Trainer:
         if batch % rt.dp_size:
             raise ConfigError(f"rollout.prompts_per_step * rollout.group_size = {batch} samples per step must be "
                               f"divisible by the {rt.dp_size} data-parallel processes")
-        if rt.distributed and cfg.rollout.tree is not None:
-            raise ConfigError("rollout.tree (BranchGRPO) runs in one process for now: launch without torchrun, "
-                              "or use flat rollouts (rollout.tree: null)")
+        if rt.distributed and (cfg.rollout.tree is not None or cfg.algorithm == "nft"):
+            what = "rollout.tree (BranchGRPO)" if cfg.rollout.tree is not None else "algorithm=nft (DiffusionNFT)"
+            raise ConfigError(f"{what} runs in one process for now: launch without torchrun")
         self.out = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         # Cheap checks first, so a typo or a taken output_dir fails before a model loads.
@@ -142,6 +143,7 @@ class Trainer:
                                mixed_precision=cfg.mixed_precision, update_mode=cfg.update_mode,
                                ratio_tolerance=cfg.ratio_tolerance, backend=cfg.loss.backend, device=self.device,
                                sync=sync, ratio_norm=cfg.loss.ratio_norm)
+        self.nft = NFTAlgorithm(self) if cfg.algorithm == "nft" else None
         self.generators = {
             "data": torch.Generator("cpu").manual_seed(cfg.seed * 1000 + 2),
         }
@@ -237,6 +239,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, P, G, rt = self.cfg, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size, self.runtime
+        if self.nft is not None:  # DiffusionNFT: its own iteration (trainer/nft.py)
+            return self.nft.train_step()
         if cfg.rollout.tree is not None:  # BranchGRPO: tree rollouts, depth-wise advantages per edge
             return tree_train_step(self)
         t0 = time.perf_counter()
@@ -442,9 +446,11 @@ class Trainer:
             optimizer=self.optimizer,
             trainable_only=self.cfg.lora.enabled,
             rng_state=capture_rng(self.generators),
-            run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled},
+            run_state={"skipped_total": self.skipped_total, "lora": self.cfg.lora.enabled,
+                       **({"nft_updates": self.nft.updates} if self.nft is not None else {})},
             config_yaml=yaml.safe_dump(config_to_dict(self.recorded_cfg), sort_keys=False),
             ema=self.ema.shadow if self.ema is not None else None,
+            old_policy_state=self.nft.state_dict() if self.nft is not None else None,
             export=None if sharded else self._export_weights(),  # the export reads whole weights
         )
         log.info("saved checkpoint %s", path)
@@ -467,6 +473,10 @@ class Trainer:
         ckpt = self.checkpoints.restore(path, model=self.model, optimizer=self.optimizer,
                                         ema=self.ema.shadow if self.ema is not None else None,
                                         trainable_only=self.cfg.lora.enabled)
+        if self.nft is not None:
+            if "old_policy" not in ckpt:
+                raise ConfigError(f"checkpoint {path} has no DiffusionNFT old policy (it was not an algorithm=nft run)")
+            self.nft.load_state_dict(ckpt["old_policy"], ckpt["state"].get("nft_updates", 0), f"checkpoint {path}")
         restore_rng(ckpt["rng"], self.generators)
         self.step = int(ckpt["state"]["step"])
         self.skipped_total = int(ckpt["state"].get("skipped_total", 0))
