@@ -283,13 +283,8 @@ class Trainer:
         else:
             log.warning("every sample of this rollout was dropped by the rewards: no update this step")
             stats, steps = {"skipped": 1, "optimizer_steps": 0}, torch.zeros(0, 0)
-        if bool(valid.any()):
-            self.invalid_streak, self.last_failures = 0, {}
-        else:
-            self.invalid_streak += 1
-            self.last_failures = {**self.last_failures, **scored.failures}
+        self.record_outcome(valid, scored.failures, stats["skipped"])
         t3 = time.perf_counter()
-        self.skipped_total += stats["skipped"]
         m = self._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), P * G)
         # model calls times samples, over every rank (each data-parallel slot rolls out its share)
         m["nfe_rollout"], m["nfe_update"] = rollout.nfe * rt.dp_size, stats.get("nfe", 0)
@@ -308,6 +303,16 @@ class Trainer:
             failures.update(f)
         return dataclasses.replace(scored, rewards=rewards, errors=[e for errs, _ in notes for e in errs],
                                    failures=failures)
+
+    def record_outcome(self, valid: torch.Tensor, failures: dict, skipped: int) -> None:
+        """What every algorithm's step records: the streak of steps without a valid reward (and
+        why, for max_invalid_steps' message) and the count of skipped updates."""
+        if bool(valid.any()):
+            self.invalid_streak, self.last_failures = 0, {}
+        else:
+            self.invalid_streak += 1
+            self.last_failures = {**self.last_failures, **failures}
+        self.skipped_total += skipped
 
     def _metrics(self, scored, weights, adv, valid, train_idx, steps, stats, times, batch) -> dict:
         r = scored.rewards

@@ -162,13 +162,8 @@ class NFTAlgorithm:
             log.warning("every sample of this rollout was dropped by the rewards: no update this step")
             stats, steps = {"skipped": 1, "optimizer_steps": 0}, torch.zeros(0, 0)
         decay = self.soft_update()
-        if bool(valid.any()):
-            tr.invalid_streak, tr.last_failures = 0, {}
-        else:
-            tr.invalid_streak += 1
-            tr.last_failures = {**tr.last_failures, **scored.failures}
+        tr.record_outcome(valid, scored.failures, stats["skipped"])
         t3 = time.perf_counter()
-        tr.skipped_total += stats["skipped"]
         m = tr._metrics(scored, weights, adv, valid, train_idx, steps, stats, (t0, t1, t2, t3), rollout.batch)
         m.update({k: v for k, v in stats.items() if k.startswith("nft_")})
         m["nft_old_decay"] = decay

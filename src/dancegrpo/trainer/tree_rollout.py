@@ -318,13 +318,8 @@ def tree_train_step(trainer) -> dict:
     else:
         stats = {"skipped": 1, "optimizer_steps": 0}
     leaf_valid = scored.valid
-    if bool(leaf_valid.any()):
-        trainer.invalid_streak, trainer.last_failures = 0, {}
-    else:
-        trainer.invalid_streak += 1
-        trainer.last_failures = {**trainer.last_failures, **scored.failures}
+    trainer.record_outcome(leaf_valid, scored.failures, stats["skipped"])
     t3 = time.perf_counter()
-    trainer.skipped_total += stats["skipped"]
     m = trainer._metrics(scored, weights, adv[-1], leaf_valid, leaf_valid.nonzero().flatten(), steps, stats,
                          (t0, t1, t2, t3), len(tree.prompts))
     update_nfe = edges * (2 if cfg.loss.kl_beta > 0 else 1)  # the frozen reference is one more forward
