@@ -94,22 +94,16 @@ class _GatherReplicatedGrad(torch.autograd.Function):
         return grad.narrow(ctx.dim, r * ctx.n, ctx.n).contiguous(), None, None
 
 
-class _GatherPartialGrad(torch.autograd.Function):
+class _GatherPartialGrad(_GatherReplicatedGrad):
     """All-gather whose output feeds replicated computation inside the model: each rank's
     gradient is partial, so backward sums them over the group and keeps this rank's slice
     (a reduce-scatter, written as all-reduce + slice because gloo has no reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group, ctx.n = dim, group, x.shape[dim]
-        return _all_gather(x, dim, group)
-
-    @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        r = dist.get_rank(ctx.group)
-        return grad.narrow(ctx.dim, r * ctx.n, ctx.n).contiguous(), None, None
+        return _GatherReplicatedGrad.backward(ctx, grad)
 
 
 class TokenShard:

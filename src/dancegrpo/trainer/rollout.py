@@ -171,14 +171,12 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
         b, std, ts = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
         outputs = torch.zeros((batch, n_steps, *shape), dtype=x.dtype, device=store) if keep_outputs else None
         latents[:, 0] = x.to(store)
-        if on_samples is not None:
+        samples, calls = None, 0
+        if on_samples is not None:  # every step of each chunk, scored as it finishes
             samples = _collect_by_chunk(
                 model, sampler, x, cond, prompts, sde_mask, generator, noise, chunk, (latents, log_probs, a, b, std, ts),
                 mixed_precision=mixed_precision, decode=decode, backend=backend, on_samples=on_samples)
-            return Rollout(latents, log_probs, a, b, std, ts, sde_mask.detach().cpu().clone(),
-                           {k: v.cpu() for k, v in cond.items()} if store_on_cpu else cond, prompts, samples,
-                           nfe=n_steps * batch)
-        calls = 0
+            calls = n_steps
 
         def predict(x, t):
             v = torch.empty_like(x)
@@ -189,7 +187,7 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
             return v
 
         prev = None  # the previous step's (x0, sigma): the 2M solver's history entering the tail
-        for i in range(n_steps if tail is None else tail):
+        for i in range(0 if samples is not None else n_steps if tail is None else tail):
             t = sampler.model_timesteps(i, batch).to(device)
             v = predict(x, t)
             calls += 1
@@ -226,7 +224,8 @@ def collect_rollout(model, sampler, items: Sequence, group_size: int, sde_mask: 
             for i in range(tail, n_steps):
                 ts[:, i] = sampler.model_timesteps(i, batch).to(store)
             x = x0 if decode == "x0" else states[-1]
-        samples = model.decode(x)
+        if samples is None:
+            samples = model.decode(x)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
