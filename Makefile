@@ -13,7 +13,7 @@ PIP        := $(PY) -m pip
 EXT_DEPS   := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench bench-gpu env clean base-models
+.PHONY: setup demo demo-video test bench bench-gpu env clean base-models
 
 setup: $(VENV)/.installed
 
@@ -39,17 +39,24 @@ bench: setup
 env: setup
 	$(PY) -m dancegrpo.env
 
-# The shipped shapes base models, as they were made: about 4 hours on 2 CPU cores (the same
+# The shipped shapes base models, as they were made: about 3 hours on 2 CPU cores (the same
 # weights bit for bit only on the same CPU and torch build). Writes $(SHAPES_OUT); copy a
-# model folder to src/dancegrpo/assets/shapes_<task>/ to ship it. Video models start from image
-# weights (inflated), image-to-video from text-to-video: see dancegrpo/worlds/shapes/pretrain.py.
+# model folder to src/dancegrpo/assets/shapes_<task>/ to ship it. The video models (4 frames)
+# start from the image model's weights (inflated to every frame; see
+# dancegrpo/worlds/shapes/pretrain.py) and can train side by side, one core each.
 SHAPES_OUT ?= build/shapes
 PRETRAIN   := $(PY) -m dancegrpo.worlds.shapes.pretrain --label-noise 0.25 --threads 1
 base-models: setup
 	$(PRETRAIN) --task t2i --steps 4500 --batch 32 --seed 0 --eval-n 128 --out $(SHAPES_OUT)/t2i_stage1
-	$(PRETRAIN) --task t2i --steps 24000 --batch 32 --seed 1 --init $(SHAPES_OUT)/t2i_stage1 --snapshots 10000 --out $(SHAPES_OUT)/t2i
-	$(PRETRAIN) --task t2v --steps 6000 --batch 16 --lr 5e-4 --seed 2 --init-image $(SHAPES_OUT)/t2i/step_10000 --snapshots 2500 --out $(SHAPES_OUT)/t2v
-	$(PRETRAIN) --task i2v --steps 4000 --batch 16 --lr 5e-4 --seed 3 --init-t2v $(SHAPES_OUT)/t2v/step_2500 --out $(SHAPES_OUT)/i2v
+	$(PRETRAIN) --task t2i --steps 24000 --batch 32 --seed 1 --init $(SHAPES_OUT)/t2i_stage1 --out $(SHAPES_OUT)/t2i
+	$(PRETRAIN) --task t2v --frames 4 --steps 4000 --batch 16 --lr 3e-4 --motion-weight 2 --seed 2 --init-image $(SHAPES_OUT)/t2i --snapshots 1000,2000,3000 --out $(SHAPES_OUT)/t2v
+	$(PRETRAIN) --task i2v --frames 4 --steps 3000 --stop-after 1000 --batch 16 --lr 5e-4 --motion-weight 2 --seed 3 --init-image $(SHAPES_OUT)/t2i --out $(SHAPES_OUT)/i2v_stage1
+	$(PRETRAIN) --task i2v --steps 2000 --batch 16 --lr 4e-4 --motion-weight 2 --contradict 0.6 --seed 4 --init $(SHAPES_OUT)/i2v_stage1 --out $(SHAPES_OUT)/i2v
+
+# GRPO on the video models (text-to-video, image-to-video), two seeds side by side: before /
+# after tables and GIFs in outputs/demo_video.
+demo-video: setup
+	$(PY) -m dancegrpo.demo_video
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/dancegrpo/_C*.so

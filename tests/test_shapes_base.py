@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from dancegrpo.models.interface import GenerativeModel
-from dancegrpo.trainer.config import load_config
-from dancegrpo.trainer.evaluate import generate
-from dancegrpo.trainer.policy import build_run_sampler
-from dancegrpo.worlds.shapes.dataset import PromptDataset
 from dancegrpo.worlds.shapes.grammar import sample_specs
 from dancegrpo.worlds.shapes.policy import TASKS, base_model_path, build_policy
-from dancegrpo.worlds.shapes.pretrain import CONFIGS, evaluate
+from dancegrpo.worlds.shapes.pretrain import evaluate
 from dancegrpo.worlds.shapes.renderer import render_batch
-from dancegrpo.worlds.shapes.rewards import AlignmentReward
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -25,7 +20,7 @@ def test_base_model_loads_and_predicts(task):
     assert (base_model_path(task) / "eval.json").is_file()
     g = torch.Generator().manual_seed(0)
     specs = sample_specs(2, g, video=task != "t2i")
-    images = render_batch(specs, 32, video=True, frames=8, generator=g)[:, :, 0] if task == "i2v" else None
+    images = render_batch(specs, 32, video=True, frames=4, generator=g)[:, :, 0] if task == "i2v" else None
     cond = model.encode_prompts([s.prompt for s in specs], images)
     x = torch.randn(2, *model.latent_shape(), generator=g)
     with torch.no_grad():
@@ -47,34 +42,44 @@ def test_t2i_base_reproduces_its_eval_json():
     assert abs(got["reward_mean"] - want["reward_mean"]) <= 0.01, (got["reward_mean"], want["reward_mean"])
 
 
-def _video_samples(task):
-    """The first 16 prompts of the task config's evaluation, sampled as it samples them, and
-    the i2v first frames of those prompts."""
-    cfg = load_config(CONFIGS / f"shapes_{task}.yaml")
-    model = build_policy(task)
-    items = PromptDataset(task, split="heldout").fixed(16)
-    samples, prompts = generate(model, build_run_sampler(cfg, model), items, mode=cfg.eval.mode, seed=cfg.eval.seed)
-    first = torch.stack([it.image for it in PromptDataset("i2v", split="heldout").fixed(16)])
-    return samples, prompts, first
+@pytest.fixture(scope="module")
+def video_evals():
+    """Each video base model's evaluation (what wrote its eval.json), computed once."""
+    return {task: evaluate(build_policy(task), num_prompts=128) for task in ("t2v", "i2v")}
 
 
-def test_t2v_base_quality_regression():
-    """The shipped T2V base draws the asked colour at the asked place (measured 0.875 on these
-    16 prompts) in every frame. Its shapes and motion are not learned yet (README), so only
-    colour and position are guarded."""
-    samples, prompts, _ = _video_samples("t2v")
-    assert samples.shape == (16, 3, 8, 32, 32)
-    rate = float(AlignmentReward(("color", "position")).correct(samples, prompts).float().mean())
-    assert rate >= 0.5, rate
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_video_base_reproduces_its_eval_json(task, video_evals):
+    """eval.json is the evaluation of configs/shapes_<task>.yaml plus the diagnostics of
+    worlds/shapes/evaluation.py; rates may move by a borderline sample or two on another CPU."""
+    want = json.loads((base_model_path(task) / "eval.json").read_text())
+    got = video_evals[task]
+    assert want["task"] == task and want["num_prompts"] == 128
+    for key in ("correct_rate", "correct_rate_motion", "correct_rate_color", "correct_rate_shape",
+                "frame_trust_rate"):
+        if key in want:
+            assert abs(got[key] - want[key]) <= 3 / 128, (key, got[key], want[key])
+    for key in ("reward_mean", "reward_motion_mean", "first_frame_error"):
+        if key in want:
+            assert abs(got[key] - want[key]) <= 0.01, (key, got[key], want[key])
 
 
-def test_i2v_base_quality_regression():
-    """The shipped I2V base starts its clips at the given frame: frame-0 MSE to it measured
-    0.0037 on these 16 prompts (the T2V model, which does not see the frame: 0.0060), colour
-    and position right on all 16. Caveat (README): given a frame that contradicts its prompt,
-    it follows the prompt, so the bound is a regression guard, not proof of conditioning."""
-    samples, prompts, first = _video_samples("i2v")
-    mse = float((samples[:, :, 0] - first).pow(2).mean())
-    assert mse < 0.005, mse
-    rate = float(AlignmentReward(("color", "position")).correct(samples, prompts).float().mean())
-    assert rate >= 0.75, rate
+def test_t2v_base_moves_and_draws_what_it_is_asked(video_evals):
+    """The T2V base's targets: the asked motion in 20-50% of held-out clips (measured 26.6%:
+    moving, but leaving GRPO headroom), the asked colour and shape above chance (1/7 and 1/5;
+    measured 80.5% and 36.7%)."""
+    s = video_evals["t2v"]
+    assert 0.2 <= s["correct_rate_motion"] <= 0.5, s["correct_rate_motion"]
+    assert s["correct_rate_color"] >= 0.7 and s["correct_rate_shape"] >= 0.3, s
+
+
+def test_i2v_base_keeps_the_frame_and_animates_it(video_evals):
+    """The I2V base ends its first frame on the given one (pinned), keeps the frame's colour
+    and shape in a third of the clips even when the caption names others (measured 32%; a model
+    following the caption scores 0, as the one it replaced did), and moves the object as asked
+    in a quarter of the clips (measured 25%)."""
+    s = video_evals["i2v"]
+    assert s["first_frame_error"] < 1e-3, s["first_frame_error"]
+    assert s["frame_trust_rate"] >= 0.25, s["frame_trust_rate"]
+    assert s["correct_rate_color"] >= 0.85 and s["correct_rate_shape"] >= 0.35, s
+    assert s["correct_rate_motion"] >= 0.2, s["correct_rate_motion"]

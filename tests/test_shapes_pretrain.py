@@ -17,6 +17,7 @@ from dancegrpo.worlds.shapes.pretrain import (
     main,
     training_batch,
 )
+from dancegrpo.worlds.shapes.rewards import AlignmentReward
 
 TINY = dict(hidden_size=32, depth=2, num_heads=2)
 
@@ -32,19 +33,51 @@ def _image_policy(seed=0):
     return policy.eval()
 
 
-def test_corrupt_rates_and_i2v_keeps_appearance():
+def test_corrupt_rates():
     g = torch.Generator().manual_seed(0)
     specs = sample_specs(4000, g, video=True)
-    noisy = corrupt(specs, 0.3, torch.Generator().manual_seed(1), task="t2v")
+    noisy = corrupt(specs, 0.3, torch.Generator().manual_seed(1))
     for attr in ("color", "shape", "motion"):
         rate = sum(getattr(a, attr) != getattr(b, attr) for a, b in zip(specs, noisy, strict=True)) / len(specs)
         assert abs(rate - 0.3) < 0.03, (attr, rate)
     assert all(n.size == s.size and n.position == s.position for s, n in zip(specs, noisy, strict=True))
-    # Image-to-video shows colour and shape in its first frame: only the motion is corrupted.
-    i2v = corrupt(specs, 0.3, torch.Generator().manual_seed(1), task="i2v")
-    assert all(a.color == b.color and a.shape == b.shape for a, b in zip(specs, i2v, strict=True))
     assert all(c in COLORS for c in (s.color for s in noisy)) and all(s.shape in SHAPES for s in noisy)
-    assert corrupt(specs[:50], 0.0, g, task="t2v") == specs[:50]
+    assert corrupt(specs[:50], 0.0, g) == specs[:50]
+
+
+def test_i2v_captions_contradict_the_frame_and_the_clip_follows_the_frame():
+    """Image-to-video pretraining: a corrupted caption names another colour or shape than the
+    given first frame shows, and the clip to learn is the frame's scene, not the caption's."""
+    data = PromptDataset("i2v", split=None, frames=4)
+    x0, captions, first = training_batch(data, 64, torch.Generator().manual_seed(0), label_noise=0.5)
+    align = AlignmentReward(("color", "shape"))
+    # The frames and clips are the true scenes; about 3/4 of the captions misname colour or shape.
+    true = align.correct(first, [c for c in captions])
+    assert 0.6 * 64 < int((~true).sum()) < 0.9 * 64
+    torch.testing.assert_close(first, (x0[:, :, 0] + 1) / 2)
+    clean = training_batch(data, 64, torch.Generator().manual_seed(0), label_noise=0.0)[1]
+    assert align.correct(first, clean).all()
+
+
+def test_motion_weight_adds_the_frame_difference_error():
+    """loss(w) = mse(err) + w mse(err[t+1] - err[t]) with err the velocity error; images ignore w."""
+    policy = inflate_image_policy(_image_policy(), "t2v", frames=4)
+    data = PromptDataset("t2v", split=None, frames=4)
+    x0, captions, _ = training_batch(data, 3, torch.Generator().manual_seed(0), label_noise=0.0)
+    pred = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    policy.predict = lambda *a: pred
+    g = lambda: torch.Generator().manual_seed(1)
+    plain = flow_matching_loss(policy, x0, captions, None, g())
+    weighted = flow_matching_loss(policy, x0, captions, None, g(), motion_weight=2.0)
+    noise = torch.randn(x0.shape, generator=g())
+    err = pred - (noise - x0)
+    torch.testing.assert_close(plain, err.pow(2).mean())
+    torch.testing.assert_close(weighted, err.pow(2).mean() + 2.0 * (err[:, :, 1:] - err[:, :, :-1]).pow(2).mean())
+    image = _image_policy()
+    xi = x0[:, :, 0]
+    image.predict = lambda *a: pred[:, :, 0]
+    torch.testing.assert_close(flow_matching_loss(image, xi, captions, None, g(), motion_weight=2.0),
+                               flow_matching_loss(image, xi, captions, None, g()))
 
 
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
@@ -90,7 +123,13 @@ def test_add_image_condition_starts_as_the_t2v_model():
     with torch.no_grad():
         want = t2v.predict(x, torch.full((2,), 300.0), t2v.encode_prompts(prompts))
         got = i2v.predict(x, torch.full((2,), 300.0), i2v.encode_prompts(prompts, first))
-    torch.testing.assert_close(got, want)  # the frame's inputs start at zero weight
+    # The frame's inputs start at zero weight: the frames after the first are the t2v model's.
+    torch.testing.assert_close(got[:, :, 1:], want[:, :, 1:])
+    # Frame 0 is pinned to the given frame: its exact velocity (x - frame) / sigma.
+    torch.testing.assert_close(got[:, :, 0], (x[:, :, 0] - (2 * first - 1)) / 0.3)
+    i2v.pin_first_frame = False
+    with torch.no_grad():
+        torch.testing.assert_close(i2v.predict(x, torch.full((2,), 300.0), i2v.encode_prompts(prompts, first)), want)
     with pytest.raises(ValueError, match="expected a 't2v' policy"):
         add_image_condition(_image_policy())
 
@@ -113,6 +152,7 @@ def test_inflated_video_policy_with_one_frame_per_token_predicts_like_the_image_
         ev, _ = video.dit.embed(x[:, :, None].expand(2, 3, 4, 32, 32), first)
         torch.testing.assert_close(ev.view(2, 4, 64, -1), ei[:, None].expand(2, 4, 64, -1), rtol=1e-5, atol=1e-5)
         want = image.predict(x, t, image.encode_prompts(prompts))
+        video.pin_first_frame = False  # the network's own prediction for every frame
         got = video.predict(x[:, :, None].expand(2, 3, 4, 32, 32), t, video.encode_prompts(prompts, first))
     err = (got - want[:, :, None]).norm() / (want[:, :, None].expand_as(got).norm())
     assert err < 1e-3, float(err)
@@ -120,6 +160,24 @@ def test_inflated_video_policy_with_one_frame_per_token_predicts_like_the_image_
         video.dit.frame_embed.zero_()
         off = video.predict(x[:, :, None].expand(2, 3, 4, 32, 32), t, video.encode_prompts(prompts, first))
     assert (off - want[:, :, None]).norm() / want[:, :, None].expand_as(off).norm() > 0.05
+
+
+def test_i2v_sampling_lands_the_first_frame_on_the_given_one():
+    """With the first frame pinned, the deterministic sampler ends frame 0 exactly on the given
+    frame (up to float rounding), whatever the network's weights; the t2v model does not."""
+    from dancegrpo.trainer.config import load_config
+    from dancegrpo.trainer.evaluate import generate
+    from dancegrpo.trainer.policy import build_run_sampler
+
+    i2v = inflate_image_policy(_image_policy(), "i2v", frames=4).eval()
+    assert i2v.pin_first_frame and ShapesPolicy("t2v").pin_first_frame is False
+    items = PromptDataset("i2v", split="heldout").fixed(3)
+    cfg = load_config("shapes_i2v")
+    samples, _ = generate(i2v, build_run_sampler(cfg, i2v), items, mode="ode", seed=0)
+    given = torch.stack([it.image for it in items])
+    torch.testing.assert_close(samples[:, :, 0], given, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="pin_first_frame needs task 'i2v'"):
+        ShapesPolicy("t2v", pin_first_frame=True)
 
 
 def test_inflate_rejects_wrong_inputs():

@@ -40,15 +40,25 @@ class ShapesPolicy(nn.Module):
 
     task: "t2i" (latents (3, size, size)), "t2v" / "i2v" (latents (3, frames, size, size);
     i2v also takes the first frame).
+
+    pin_first_frame (i2v; default on): the clip's first frame *is* the given one, so its
+    velocity is known exactly, ``(x - frame) / sigma`` (rectified flow: x = (1 - sigma) frame +
+    sigma noise), and replaces the network's guess for frame 0. Sampling then lands frame 0 on
+    the given frame at every step's precision, and the network only learns the frames after it
+    (which attend to an exact frame 0 all along the trajectory).
     """
 
     prediction = "velocity"
 
     def __init__(self, task: str = "t2i", *, size: int = 32, frames: int = 8, text_dim: int = 64,
-                 text_layers: int = 2, dit: dict | None = None):
+                 text_layers: int = 2, dit: dict | None = None, pin_first_frame: bool | None = None):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        pin = task == "i2v" if pin_first_frame is None else bool(pin_first_frame)
+        if pin and task != "i2v":
+            raise ValueError(f"pin_first_frame needs task 'i2v' (a given first frame), got task {task!r}")
+        self.pin_first_frame = pin
         self.task, self.size, self.frames = task, int(size), int(frames)
         self.tokenizer = Tokenizer()
         self.text_encoder = TextEncoder(dim=text_dim, layers=text_layers)
@@ -59,6 +69,8 @@ class ShapesPolicy(nn.Module):
         self._init_args = dict(task=task, size=self.size, frames=self.frames, text_dim=text_dim,
                                text_layers=text_layers, dit={k: (list(v) if isinstance(v, tuple) else v)
                                                              for k, v in cfg.items() if k != "text_dim"})
+        if task == "i2v":
+            self._init_args["pin_first_frame"] = pin
 
     @property
     def video(self) -> bool:
@@ -87,8 +99,16 @@ class ShapesPolicy(nn.Module):
         return cond
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.dit(latents, timesteps, cond["text"], text_mask=cond["mask"], pooled=cond["pooled"],
-                        first_frame=cond.get("first_frame"))
+        v = self.dit(latents, timesteps, cond["text"], text_mask=cond["mask"], pooled=cond["pooled"],
+                     first_frame=cond.get("first_frame"))
+        if not self.pin_first_frame:
+            return v
+        # Timesteps are 1000 sigma (the flow samplers' convention); the floor only guards a
+        # caller asking at sigma = 0, where x already is the frame.
+        sigma = (torch.as_tensor(timesteps, device=v.device).float().reshape(-1) / 1000).clamp(min=1e-3)
+        sigma = sigma.expand(latents.shape[0]).view(-1, 1, 1, 1)
+        exact = (latents[:, :, 0].float() - cond["first_frame"].float()) / sigma
+        return torch.cat([exact.to(v.dtype)[:, :, None], v[:, :, 1:]], dim=2)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float() + 1) / 2).clamp(0, 1)

@@ -2,11 +2,13 @@
 
     python -m dancegrpo.worlds.shapes.pretrain --task t2i --steps 3000 --out dancegrpo/assets/shapes_t2i
 
-``make base-models`` runs the recipe of the shipped models: the image model first, then the
-video models started from it (``--init-image``: ``inflate_image_policy``, which puts the image
-model in every frame), image-to-video from text-to-video (``--init-t2v``). A video step costs
-8 image steps, so on a CPU the video models would otherwise spend their whole budget relearning
-what the image model knows.
+``make base-models`` runs the recipe of the shipped models: the image model first, then both
+4-frame video models started from it (``--init-image``: ``inflate_image_policy``, which puts
+the image model in every frame; ``--init-t2v`` can start image-to-video from a text-to-video
+model instead). A video step costs several image steps, so on a CPU the video models would
+otherwise spend their whole budget relearning what the image model knows. The shipped video runs add
+``--motion-weight 2`` (see :func:`flow_matching_loss`); docs/shapes_video.md says what was and
+was not measured about it.
 
 Rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, the model regresses the velocity
 noise - x0 at timestep 1000 sigma, with sigma drawn half from a logit-normal (SD3's choice: most
@@ -15,9 +17,10 @@ low-noise steps, or its samples keep visible grain).
 
 The base model is *deliberately imperfect*, the way a model pretrained on web captions is:
 with probability ``label_noise`` a caption names a wrong colour, and independently a wrong
-shape (for video also a wrong motion; image-to-video keeps colour and shape, which the first
-frame shows). The model therefore learns to follow a prompt only part of the time, leaving the
-headroom GRPO is meant to close. Pretraining sees every scene, held-out ones included (GRPO
+shape (for video also a wrong motion). The model therefore learns to follow a prompt only part
+of the time, leaving the headroom GRPO is meant to close. For image-to-video a wrong colour or
+shape contradicts the given first frame, which the clip always follows: the model learns to
+trust the frame over the caption. Pretraining sees every scene, held-out ones included (GRPO
 trains on the train split only). ``<out>/eval.json`` holds :func:`evaluate`'s held-out scores.
 """
 
@@ -36,26 +39,30 @@ import torch
 from ...models.rope import absolute_position_embedding
 from ...trainer.config import load_config
 from ...trainer.ema import EMA
-from ...trainer.evaluate import evaluate_config
-from ...trainer.scoring import WeightedReward
 from .dataset import PromptDataset
+from .evaluation import evaluate_shapes
 from .grammar import COLORS, MOTIONS, SHAPES, SceneSpec, compatible, parse_prompt
 from .policy import ShapesPolicy
-from .rewards import ATTRIBUTES, AlignmentReward
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def corrupt(specs: list[SceneSpec], p: float, generator: torch.Generator, *, task: str) -> list[SceneSpec]:
-    """Each spec with, independently with probability p, a wrong colour / shape / motion."""
+def corrupt(specs: list[SceneSpec], p: float, generator: torch.Generator, *,
+            appearance: float | None = None) -> list[SceneSpec]:
+    """Each spec with, independently, a wrong colour and a wrong shape with probability
+    ``appearance`` (default ``p``) and a wrong motion with probability ``p``.
+
+    For image-to-video the clip still shows the true first frame, so a wrong colour or shape
+    is a caption contradicting the frame (what teaches the model to keep the frame)."""
+    q = p if appearance is None else appearance
     out = []
     for s in specs:
         u = torch.rand(3, generator=generator).tolist()
         pick = lambda seq, cur: [x for x in seq if x != cur][int(torch.randint(len(seq) - 1, (1,), generator=generator))]
         changes = {}
-        if task != "i2v" and u[0] < p:
+        if u[0] < q:
             changes["color"] = pick(list(COLORS), s.color)
-        if task != "i2v" and u[1] < p:
+        if u[1] < q:
             changes["shape"] = pick(list(SHAPES), s.shape)
         if s.motion is not None and u[2] < p:
             options = [m for m in MOTIONS if m != s.motion and compatible(s.position, m)]
@@ -64,18 +71,27 @@ def corrupt(specs: list[SceneSpec], p: float, generator: torch.Generator, *, tas
     return out
 
 
-def training_batch(data: PromptDataset, n: int, generator: torch.Generator, *, label_noise: float):
+def training_batch(data: PromptDataset, n: int, generator: torch.Generator, *, label_noise: float,
+                   contradict: float | None = None):
     """``(x0 (n, 3, [T,] H, W) in [-1, 1], captions, first frames (n, 3, H, W) in [0, 1] or
-    None)``: rendered scenes of ``data`` with captions corrupted at rate ``label_noise``."""
+    None)``: rendered scenes of ``data`` with captions corrupted at rate ``label_noise``
+    (colour and shape at rate ``contradict`` where given: see :func:`corrupt`)."""
     pixels, prompts, *first = data.training_batch(n, generator)
     specs = [parse_prompt(p) for p in prompts]
-    captions = [s.prompt for s in corrupt(specs, label_noise, generator, task=data.task)]
+    captions = [s.prompt for s in corrupt(specs, label_noise, generator, appearance=contradict)]
     return pixels * 2 - 1, captions, (first[0] if first else None)
 
 
-def flow_matching_loss(policy: ShapesPolicy, x0: torch.Tensor, captions, first, generator: torch.Generator):
+def flow_matching_loss(policy: ShapesPolicy, x0: torch.Tensor, captions, first, generator: torch.Generator,
+                       *, motion_weight: float = 0.0):
     """Mean squared error of the predicted velocity ``noise - x0`` at sigma drawn half from a
-    logit-normal, half uniformly; ``first``: the i2v first frames in [0, 1], as GRPO gives them."""
+    logit-normal, half uniformly; ``first``: the i2v first frames in [0, 1], as GRPO gives them.
+
+    ``motion_weight`` (videos) adds that times the mean squared error of the velocity's
+    frame-to-frame differences. An error the same in every frame (a wrong colour) costs nothing
+    more, one that changes over time (an object in the wrong place in later frames, i.e. wrong
+    motion) costs up to ``1 + 4 motion_weight`` times as much: motion is a small share of the
+    pixels, and the extra weight points the loss at it."""
     n = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator)
     sigma = torch.where(torch.rand(n, generator=generator) < 0.5, torch.sigmoid(torch.randn(n, generator=generator)),
@@ -83,20 +99,23 @@ def flow_matching_loss(policy: ShapesPolicy, x0: torch.Tensor, captions, first, 
     sv = sigma.view(-1, *[1] * (x0.dim() - 1))
     xt = (1 - sv) * x0 + sv * noise
     cond = policy.encode_prompts(captions, first)
-    return (policy.predict(xt, 1000 * sigma, cond) - (noise - x0)).pow(2).mean()
+    err = policy.predict(xt, 1000 * sigma, cond) - (noise - x0)
+    loss = err.pow(2).mean()
+    if motion_weight and x0.dim() == 5 and x0.shape[2] > 1:
+        loss = loss + motion_weight * (err[:, :, 1:] - err[:, :, :-1]).pow(2).mean()
+    return loss
 
 
 def evaluate(policy: ShapesPolicy, *, num_prompts: int = 128) -> dict:
     """The held-out evaluation of a base model: ``dancegrpo eval`` of its task's shipped config
     (``configs/shapes_<task>.yaml``: its fixed held-out prompts, sampler in its eval mode, rewards
-    and seed), so a base model's number is the one the demo and a GRPO run start from. Adds each
-    attribute's correct rate (``correct_rate_color`` ...; zero-weight rewards)."""
+    and seed), so a base model's number is the one the demo and a GRPO run start from, plus the
+    per-attribute, motion and first-frame diagnostics of ``evaluation.evaluate_shapes``."""
     name = f"shapes_{policy.task}"
     cfg = load_config(CONFIGS / f"{name}.yaml", [f"eval.num_prompts={num_prompts}", "device=cpu",
                                                  f"data.kwargs.size={policy.size}",
                                                  f"data.kwargs.frames={policy.frames}"])
-    attrs = [WeightedReward(AlignmentReward((a,)), 0.0, a) for a in ATTRIBUTES]
-    stats = evaluate_config(policy, cfg, device="cpu", extra_rewards=attrs)
+    stats = evaluate_shapes(policy, cfg, device="cpu")
     s, e = cfg.sampler, cfg.eval
     stats["evaluation"] = (f"{name}.yaml: {num_prompts} fixed {cfg.data.eval_split} prompts, {s.num_steps}-step "
                            f"{s.kind} sampler in {e.mode} mode, seed {e.seed}")
@@ -211,6 +230,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--label-noise", type=float, default=0.35)
+    p.add_argument("--contradict", type=float, default=None,
+                   help="i2v: rate of captions naming another colour / shape than the given frame "
+                        "(default: --label-noise)")
+    p.add_argument("--motion-weight", type=float, default=0.0,
+                   help="videos: weight of the frame-to-frame velocity error (see flow_matching_loss)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -224,6 +248,9 @@ def main(argv=None):
                    help="i2v: start from this t2v ShapesPolicy folder (see add_image_condition)")
     p.add_argument("--save-every", type=int, default=0,
                    help="also save the EMA weights to --out every N steps (a run stopped early keeps them)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="train only the first N of --steps (the schedule stays that of --steps), then "
+                        "save and evaluate as at the end")
     p.add_argument("--snapshots", default="",
                    help="comma-separated steps whose EMA weights are also kept in <out>/step_<N> "
                         "(e.g. to start a video model from an early image checkpoint)")
@@ -238,10 +265,14 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.steps < 1 or args.batch < 1:
         p.error(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
     if sum(x is not None for x in (args.init, args.init_image, args.init_t2v)) > 1:
         p.error("--init, --init-image and --init-t2v are exclusive")
+    if args.contradict is not None and (args.task != "i2v" or not 0 <= args.contradict <= 1):
+        p.error(f"--contradict is a rate in [0, 1] for --task i2v, got {args.contradict} with --task {args.task}")
     if args.init_t2v and args.task != "i2v":
         p.error("--init-t2v starts an i2v model: use it with --task i2v")
     if args.init:  # continue from an earlier run's weights (same architecture)
@@ -257,12 +288,14 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
                                               (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps))))
     ema = EMA(policy.named_parameters(), 0.995)
-    data = PromptDataset(args.task, split=None, size=args.size, frames=args.frames)
+    data = PromptDataset(args.task, split=None, size=policy.size, frames=policy.frames)  # an --init model keeps its own
     t0, running = time.time(), 0.0
     policy.train()
-    for step in range(1, args.steps + 1):
-        x0, captions, first = training_batch(data, args.batch, g, label_noise=args.label_noise)
-        loss = flow_matching_loss(policy, x0, captions, first, g)
+    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    for step in range(1, last + 1):
+        x0, captions, first = training_batch(data, args.batch, g, label_noise=args.label_noise,
+                                             contradict=args.contradict)
+        loss = flow_matching_loss(policy, x0, captions, first, g, motion_weight=args.motion_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -270,10 +303,10 @@ def main(argv=None):
         sched.step()
         ema.update()
         running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
-        if step % 100 == 0 or step == args.steps:
+        if step % 100 == 0 or step == last:
             print(f"step {step:5d}  loss {running:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:6.0f}s",
                   flush=True)
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
+        if args.save_every and step % args.save_every == 0 and step < last:
             _save_ema(policy, ema, Path(args.out), step=step)
         if step in snapshots:
             _save_ema(policy, ema, Path(args.out) / f"step_{step}", step=step)
@@ -281,7 +314,7 @@ def main(argv=None):
     out = Path(args.out)
     policy.save_pretrained(out)
     stats = evaluate(policy, num_prompts=args.eval_n)
-    stats.update(task=args.task, steps=args.steps, init=args.init, init_image=args.init_image, init_t2v=args.init_t2v, batch=args.batch, label_noise=args.label_noise, seed=args.seed,
+    stats.update(task=args.task, steps=last, schedule_steps=args.steps, init=args.init, init_image=args.init_image, init_t2v=args.init_t2v, batch=args.batch, label_noise=args.label_noise, contradict=args.contradict, motion_weight=args.motion_weight, lr=args.lr, seed=args.seed,
                  train_seconds=round(time.time() - t0), parameters=sum(p.numel() for p in policy.parameters()))
     (out / "eval.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))

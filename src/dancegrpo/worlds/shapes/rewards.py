@@ -35,7 +35,7 @@ from .detector import (
     measure,
     shape_distances,
 )
-from .grammar import COLORS, POSITIONS, SHAPES, SIZES, SceneSpec, parse_prompt
+from .grammar import COLORS, MOTIONS, POSITIONS, SHAPES, SIZES, SceneSpec, parse_prompt
 from .renderer import motion_offsets
 
 __all__ = [
@@ -260,31 +260,65 @@ class MotionReward(_Reward):
                 raise ValueError(f"MotionReward: {k} must be > 0, got {v}")
         self.position_tol, self.scale_tol, self.jerk_tol = float(position_tol), float(scale_tol), float(jerk_tol)
 
-    def components(self, samples: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``presence``, ``follow``, ``smooth``: (B,) float32 (CPU)."""
+    def _track(self, samples, prompts, fn: str, *, parse: bool = True):
+        """The tracked path relative to the first frame (B, T, 3: dx, dy, log size), the
+        presence (B,), the parsed specs and T."""
         if not isinstance(samples, torch.Tensor):
-            raise TypeError(f"MotionReward: samples must be a torch.Tensor, got {type(samples).__name__}")
+            raise TypeError(f"{fn}: samples must be a torch.Tensor, got {type(samples).__name__}")
         if samples.dim() != 5 or samples.shape[2] < 2:
-            raise ValueError(f"MotionReward: samples must be videos (B, 3, T, H, W) with T >= 2, "
+            raise ValueError(f"{fn}: samples must be videos (B, 3, T, H, W) with T >= 2, "
                              f"got {tuple(samples.shape)}")
-        x, specs, t = _frames(samples, prompts, type(self).__name__)
-        b = len(specs)
+        x, specs, t = _frames(samples, prompts, fn, parse=parse)
+        b = x.shape[0] // t
         m = measure(x)
         bx, by = m["bx"].reshape(b, t), m["by"].reshape(b, t)
         size = ((m["width"] * m["height"]).sqrt() / 2).reshape(b, t).clamp(min=1e-3)
         track = torch.stack([bx - bx[:, :1], by - by[:, :1], torch.log(size / size[:, :1])], dim=-1)
-        dx, dy, scale = motion_offsets([s.motion for s in specs], torch.linspace(0, 1, t).expand(b, t))
+        return track, m["found"].float().reshape(b, t).mean(1), specs, t
+
+    def _deviation(self, track: torch.Tensor, motions: Sequence[str | None]) -> torch.Tensor:
+        """(B, T, 3) deviation of ``track`` from the paths of ``motions`` in units of the tolerances."""
+        b, t = track.shape[:2]
+        dx, dy, scale = motion_offsets(list(motions), torch.linspace(0, 1, t).expand(b, t))
         want = torch.stack([dx, dy, torch.log(scale)], dim=-1)
-        dev = track - want                                                    # (B, T, 3)
-        tol = torch.tensor([self.position_tol, self.position_tol, self.scale_tol])
-        follow = torch.exp(-0.5 * (dev / tol).pow(2).sum(-1).mean(1))
+        return track - want
+
+    def _tol(self) -> torch.Tensor:
+        return torch.tensor([self.position_tol, self.position_tol, self.scale_tol])
+
+    def classify(self, samples: torch.Tensor) -> list[str | None]:
+        """The motion each video makes: the one of ``MOTIONS`` (or ``None``, still) whose path
+        the tracked object follows most closely (least mean squared deviation)."""
+        track, _, _, _ = self._track(samples, None, "MotionReward.classify", parse=False)
+        return self._classify(track)
+
+    def _classify(self, track: torch.Tensor) -> list[str | None]:
+        candidates = [None, *MOTIONS]
+        err = torch.stack([(self._deviation(track, [m] * track.shape[0]) / self._tol()).pow(2).sum(-1).mean(1)
+                           for m in candidates], 1)
+        err = torch.nan_to_num(err, nan=math.inf)
+        return [candidates[i] for i in err.argmin(1).tolist()]
+
+    def correct(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(B,) bool: the video makes the asked motion (``classify`` names it) with the object
+        found in at least half of the frames."""
+        track, presence, specs, _ = self._track(samples, prompts, "MotionReward.correct")
+        made = self._classify(track)
+        ok = torch.tensor([m == s.motion for m, s in zip(made, specs, strict=True)]) & (presence >= 0.5)
+        return ok.to(samples.device)
+
+    def components(self, samples: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``presence``, ``follow``, ``smooth``: (B,) float32 (CPU)."""
+        track, presence, specs, t = self._track(samples, prompts, type(self).__name__)
+        b = len(specs)
+        dev = self._deviation(track, [s.motion for s in specs])              # (B, T, 3)
+        follow = torch.exp(-0.5 * (dev / self._tol()).pow(2).sum(-1).mean(1))
         if t >= 3:
             jerk = dev[:, 2:] - 2 * dev[:, 1:-1] + dev[:, :-2]
             jtol = torch.tensor([self.jerk_tol, self.jerk_tol, 2 * self.jerk_tol])
             smooth = torch.exp(-(jerk / jtol).pow(2).sum(-1).mean(1).sqrt())
         else:
             smooth = torch.ones(b)
-        presence = m["found"].float().reshape(b, t).mean(1)
         clean = lambda v: torch.nan_to_num(v, nan=0.0).float()
         return {"presence": clean(presence), "follow": clean(follow), "smooth": clean(smooth)}
 
