@@ -82,6 +82,29 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatc
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
 
 
+def test_ctrl_c_during_a_save_lands_after_it(tmp_path, monkeypatch):
+    """SIGINT arriving mid-save is held until the checkpoint is sealed, then stops the run as a
+    KeyboardInterrupt (torch.distributed.checkpoint would otherwise turn it, raised inside its
+    writers, into a CheckpointException and a traceback)."""
+    real = ck._write_torch
+
+    def interrupted(path, obj):
+        if "step_00000004" in path.parents[1].name and path.parent.name == "rng":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a signal handler runs between bytecodes: give it the chance
+        real(path, obj)
+
+    monkeypatch.setattr(ck, "_write_torch", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(toy_cfg(tmp_path, "max_steps=6")).train()
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+    root = tmp_path / "checkpoints"
+    assert CheckpointManager(root).latest().name == "step_00000004"  # the save finished first
+    verify_checkpoint(root / "step_00000004")
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+
 def test_resume_when_every_checkpoint_is_damaged_is_an_error_and_keeps_the_logs(tmp_path):
     Trainer(toy_cfg(tmp_path, "max_steps=4")).train()
     root, log = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"

@@ -18,6 +18,11 @@ temp directory that is never read (and is cleaned up by the next save); a save t
 is interrupted (Ctrl-C) removes its temp directory itself. Reading verifies ``COMPLETE``'s sizes
 and hashes, so even a checkpoint damaged after the fact is skipped (with a warning) in favour
 of an older one. Every rank must see the same directory (a shared file system across nodes).
+
+Ctrl-C (SIGINT) during a save is held until the save is sealed, then raised: a save takes
+seconds, and torch.distributed.checkpoint turns a KeyboardInterrupt raised inside its writers
+into a CheckpointException, which would end the run with a traceback instead of the usual
+"interrupted; resume from ..." line.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +69,23 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _sigint_held():
+    """Hold SIGINT for the block (main thread only: elsewhere signals are not ours to handle) and
+    raise KeyboardInterrupt after it if one arrived; an error in the block wins over it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if arrived:
+        raise KeyboardInterrupt
 
 
 def _fsync_dir(path: Path) -> None:
@@ -240,6 +265,13 @@ class CheckpointManager:
         writing more files (e.g. a model's weights in its library's format) into the checkpoint
         before it is sealed; they are hashed like the rest.
         """
+        with _sigint_held():
+            return self._save(step, model=model, optimizer=optimizer, rng_state=rng_state, run_state=run_state,
+                              config_yaml=config_yaml, ema=ema, trainable_only=trainable_only, export=export,
+                              old_policy_state=old_policy_state)
+
+    def _save(self, step, *, model, optimizer, rng_state, run_state, config_yaml, ema, trainable_only, export,
+              old_policy_state) -> Path:
         rank, world = rank_and_world()
         final = self.root / f"step_{step:08d}"
         tmp = _agree(lambda: self._new_temp(step) if rank == 0 else None, f"checkpoint step {step}")[0]
