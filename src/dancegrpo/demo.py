@@ -20,18 +20,13 @@ import torch
 DEFAULT_CONFIG = "shapes_t2i"  # a shipped config: the demo needs no source tree
 
 
-def _evaluate(model, cfg, items, device):
+def _evaluate(model, cfg, device):
     """The run's evaluation (the same as ``dancegrpo eval`` and the base models' eval.json) and
-    the samples of the first 32 prompts for a grid."""
-    from .trainer.evaluate import evaluate_config, generate
-    from .trainer.policy import build_run_sampler
+    the samples of its first 32 prompts for a grid (the evaluation's own, not generated again)."""
+    from .trainer.evaluate import evaluate_config_samples, first_samples
 
-    e = cfg.eval
-    stats = evaluate_config(model, cfg, device=device)
-    samples, _ = generate(model, build_run_sampler(cfg, model), items[:32], samples_per_prompt=e.samples_per_prompt,
-                          mode=e.mode, seed=e.seed, device=device, batch_size=e.batch_size,
-                          mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
-    return stats, samples
+    stats, samples, _ = evaluate_config_samples(model, cfg, device=device)
+    return stats, first_samples(model, cfg, samples, 32, device=device)
 
 
 def main(argv=None) -> int:
@@ -47,7 +42,7 @@ def main(argv=None) -> int:
     from . import opscheck
     from .trainer import Trainer, load_config
     from .trainer.images import save_grid
-    from .trainer.policy import build_policy, build_run_dataset, resolve_device
+    from .trainer.policy import build_policy, resolve_device
 
     t_start = time.time()
     out = Path(args.out)
@@ -64,11 +59,10 @@ def main(argv=None) -> int:
         print("== 1. fused ops vs the float64 reference ==", flush=True)
         print(opscheck.format_table(opscheck.run(opscheck.VIDEO_LATENT), opscheck.VIDEO_LATENT), flush=True)
     torch.manual_seed(cfg.seed)
-    items = build_run_dataset(cfg, cfg.data.eval_split).fixed(cfg.eval.num_prompts)
 
-    print(f"\n== 2. base model on {len(items)} held-out prompts ==", flush=True)
+    print(f"\n== 2. base model on {cfg.eval.num_prompts} held-out prompts ==", flush=True)
     base = build_policy(cfg, device)
-    before, before_samples = _evaluate(base, cfg, items, device)
+    before, before_samples = _evaluate(base, cfg, device)
     out.mkdir(parents=True, exist_ok=True)
     save_grid(before_samples, out / "before", columns=8)
     print(json.dumps({k: before[k] for k in ("reward_mean", "correct_rate") if k in before}), flush=True)
@@ -80,8 +74,8 @@ def main(argv=None) -> int:
     trainer.train()
     train_s = time.time() - t0
 
-    print(f"\n== 4. trained model on the same {len(items)} held-out prompts ==", flush=True)
-    after, after_samples = _evaluate(trainer.model, cfg, items, device)
+    print(f"\n== 4. trained model on the same {cfg.eval.num_prompts} held-out prompts ==", flush=True)
+    after, after_samples = _evaluate(trainer.model, cfg, device)
     save_grid(after_samples, out / "after", columns=8)
 
     summary = {"before": before, "after": after, "train_seconds": round(train_s, 1),

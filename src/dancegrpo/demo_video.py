@@ -37,17 +37,12 @@ ROWS = (
 
 
 def _evaluate(model, cfg):
-    """The held-out statistics (``evaluation.evaluate_shapes``) and the first GIF_PROMPTS samples."""
-    from .trainer.evaluate import generate
-    from .trainer.policy import build_run_dataset, build_run_sampler
+    """The held-out statistics (``evaluation.evaluate_shapes``) and the first GIF_PROMPTS prompts' samples."""
+    from .trainer.evaluate import first_samples
     from .worlds.shapes.evaluation import evaluate_shapes
 
-    stats = evaluate_shapes(model, cfg, device="cpu")
-    items = build_run_dataset(cfg, cfg.data.eval_split).fixed(GIF_PROMPTS)
-    e = cfg.eval
-    samples, _ = generate(model, build_run_sampler(cfg, model), items, mode=e.mode, seed=e.seed, device="cpu",
-                          batch_size=e.batch_size, mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
-    return stats, samples
+    stats, samples = evaluate_shapes(model, cfg, device="cpu")
+    return stats, first_samples(model, cfg, samples, GIF_PROMPTS)
 
 
 def _config(name: str, out: Path, seed: int, args, progress: bool = True) -> object:

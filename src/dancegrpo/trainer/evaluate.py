@@ -13,7 +13,8 @@ import torch
 from .rollout import collect_rollout
 from .scoring import WeightedReward, score_samples
 
-__all__ = ["generate", "evaluate_policy", "evaluate_config", "best_of_n", "HeldoutEval"]
+__all__ = ["generate", "evaluate_policy", "evaluate_samples", "evaluate_config", "evaluate_config_samples",
+           "first_samples", "best_of_n", "HeldoutEval"]
 
 
 def generate(model, sampler, items: Sequence, *, samples_per_prompt: int = 1, mode: str = "ode", seed: int = 0,
@@ -41,9 +42,15 @@ def generate(model, sampler, items: Sequence, *, samples_per_prompt: int = 1, mo
 
 
 def evaluate_policy(model, sampler, items: Sequence, rewards: Sequence[WeightedReward], **gen_kwargs) -> dict:
-    """Reward statistics of a policy on ``items``: reward_mean (weighted sum of the rewards),
-    per-reward mean/std, ``correct_rate`` for rewards that offer ``correct``, dropped count."""
+    """Reward statistics of a policy on ``items`` (``generate``, then ``evaluate_samples``)."""
     samples, prompts = generate(model, sampler, items, **gen_kwargs)
+    return evaluate_samples(samples, prompts, rewards, num_prompts=len(items))
+
+
+def evaluate_samples(samples: torch.Tensor, prompts: Sequence[str], rewards: Sequence[WeightedReward], *,
+                     num_prompts: int) -> dict:
+    """Reward statistics of generated samples: reward_mean (weighted sum of the rewards),
+    per-reward mean/std, ``correct_rate`` for rewards that offer ``correct``, dropped count."""
     scored = score_samples(rewards, samples, prompts)
     r, valid = scored.rewards, scored.valid
     w = torch.tensor([rw.weight for rw in rewards])
@@ -52,7 +59,7 @@ def evaluate_policy(model, sampler, items: Sequence, rewards: Sequence[WeightedR
         "reward_mean": float(total.mean()) if total.numel() else float("nan"),
         "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
         "num_samples": int(r.shape[0]),
-        "num_prompts": len(items),
+        "num_prompts": num_prompts,
         "dropped": int((~valid).sum()),
     }
     for k, rw in enumerate(rewards):
@@ -74,16 +81,37 @@ def evaluate_config(model, cfg, *, device="cpu", extra_rewards: Sequence[Weighte
     shapes base models' ``eval.json``): the first ``cfg.eval.num_prompts`` fixed prompts of the
     dataset's ``eval_split``, the run's sampler in ``cfg.eval.mode`` (deterministic by default),
     the run's rewards. ``extra_rewards`` are scored alongside (weight 0 keeps ``reward_mean``)."""
-    from ..registry import build_dataset
-    from .policy import build_run_sampler
+    return evaluate_config_samples(model, cfg, device=device, extra_rewards=extra_rewards)[0]
+
+
+def evaluate_config_samples(model, cfg, *, device="cpu", extra_rewards: Sequence[WeightedReward] = ()):
+    """``evaluate_config`` that also returns what it scored: ``(stats, samples, items)``, for
+    callers that look at the samples themselves (grids, diagnostics) without generating twice."""
+    from .policy import build_run_dataset, build_run_sampler
     from .scoring import build_rewards
 
     e = cfg.eval
-    items = build_dataset(cfg.data.name, split=cfg.data.eval_split, **cfg.data.kwargs).fixed(e.num_prompts)
+    items = build_run_dataset(cfg, cfg.data.eval_split).fixed(e.num_prompts)
     rewards = build_rewards(cfg.rewards) + list(extra_rewards)
-    return evaluate_policy(model, build_run_sampler(cfg, model), items, rewards,
-                           samples_per_prompt=e.samples_per_prompt, mode=e.mode, seed=e.seed, device=device,
-                           batch_size=e.batch_size, mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
+    samples, prompts = generate(model, build_run_sampler(cfg, model), items, samples_per_prompt=e.samples_per_prompt,
+                                mode=e.mode, seed=e.seed, device=device, batch_size=e.batch_size,
+                                mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
+    return evaluate_samples(samples, prompts, rewards, num_prompts=len(items)), samples, items
+
+
+def first_samples(model, cfg, samples: torch.Tensor, n: int, *, device="cpu") -> torch.Tensor:
+    """One sample for each of the first ``n`` fixed eval prompts (a grid): taken from
+    ``evaluate_config_samples``'s ``samples`` when they cover ``n`` prompts, else generated with
+    the evaluation's sampler, mode and seed."""
+    from .policy import build_run_dataset, build_run_sampler
+
+    e = cfg.eval
+    if e.num_prompts >= n:
+        return samples[::e.samples_per_prompt][:n]
+    items = build_run_dataset(cfg, cfg.data.eval_split).fixed(n)
+    out, _ = generate(model, build_run_sampler(cfg, model), items, mode=e.mode, seed=e.seed, device=device,
+                      batch_size=e.batch_size, mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
+    return out
 
 
 class HeldoutEval:

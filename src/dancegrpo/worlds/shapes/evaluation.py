@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ...trainer.evaluate import evaluate_config, generate
+from ...trainer.evaluate import evaluate_config_samples, generate
 from ...trainer.scoring import WeightedReward
 from .dataset import PromptItem
 from .grammar import COLORS, SHAPES, parse_prompt
@@ -32,26 +32,25 @@ def contradicting(prompt: str) -> str:
                                shape=shapes[(shapes.index(spec.shape) + 1) % len(shapes)]).prompt
 
 
-def evaluate_shapes(policy, cfg, *, device="cpu") -> dict:
-    """``evaluate_config`` of ``policy`` under ``cfg`` with the diagnostics above."""
+def evaluate_shapes(policy, cfg, *, device="cpu") -> tuple[dict, torch.Tensor]:
+    """``evaluate_config`` of ``policy`` under ``cfg`` with the diagnostics above; returns the
+    statistics and the evaluation's samples (generated once, scored and inspected)."""
+    from ...trainer.policy import build_run_sampler
+
     extra = [WeightedReward(AlignmentReward((a,)), 0.0, a) for a in ATTRIBUTES]
     extra.append(WeightedReward(AlignmentReward(("color", "shape")), 0.0, "color_shape"))
     if policy.video:
         extra.append(WeightedReward(MotionReward(), 0.0, "motion"))
-    stats = evaluate_config(policy, cfg, device=device, extra_rewards=extra)
+    stats, samples, items = evaluate_config_samples(policy, cfg, device=device, extra_rewards=extra)
     if policy.task != "i2v":
-        return stats
-    from ...trainer.policy import build_run_dataset, build_run_sampler
-
-    items = build_run_dataset(cfg, cfg.data.eval_split).fixed(cfg.eval.num_prompts)
-    sampler = build_run_sampler(cfg, policy)
-    kw = dict(mode=cfg.eval.mode, seed=cfg.eval.seed, device=device, batch_size=cfg.eval.batch_size,
-              mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
-    given = torch.stack([it.image for it in items])
-    samples, _ = generate(policy, sampler, items, **kw)
+        return stats, samples
+    per = cfg.eval.samples_per_prompt
+    given = torch.stack([it.image for it in items]).repeat_interleave(per, dim=0)
     stats["first_frame_error"] = float((samples[:, :, 0].float().cpu() - given).abs().mean())
     lying = [PromptItem(contradicting(it.text), it.image) for it in items]
-    samples, _ = generate(policy, sampler, lying, **kw)
-    kept = AlignmentReward(("color", "shape")).correct(samples, [it.text for it in items])
+    kept_samples, _ = generate(policy, build_run_sampler(cfg, policy), lying, mode=cfg.eval.mode, seed=cfg.eval.seed,
+                               device=device, batch_size=cfg.eval.batch_size, mixed_precision=cfg.mixed_precision,
+                               backend=cfg.loss.backend)
+    kept = AlignmentReward(("color", "shape")).correct(kept_samples, [it.text for it in items])
     stats["frame_trust_rate"] = float(kept.float().mean())
-    return stats
+    return stats, samples

@@ -115,7 +115,7 @@ def evaluate(policy: ShapesPolicy, *, num_prompts: int = 128) -> dict:
     cfg = load_config(CONFIGS / f"{name}.yaml", [f"eval.num_prompts={num_prompts}", "device=cpu",
                                                  f"data.kwargs.size={policy.size}",
                                                  f"data.kwargs.frames={policy.frames}"])
-    stats = evaluate_shapes(policy, cfg, device="cpu")
+    stats, _ = evaluate_shapes(policy, cfg, device="cpu")
     s, e = cfg.sampler, cfg.eval
     stats["evaluation"] = (f"{name}.yaml: {num_prompts} fixed {cfg.data.eval_split} prompts, {s.num_steps}-step "
                            f"{s.kind} sampler in {e.mode} mode, seed {e.seed}")
