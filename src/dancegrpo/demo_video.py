@@ -1,15 +1,18 @@
-"""``make demo-video``: GRPO visibly improves the shapes world's video models on a laptop CPU.
+"""``make demo-video``: reinforcement learning visibly improves the shapes world's video models
+on a laptop CPU.
 
-For text-to-video and image-to-video (the shipped configs ``shapes_t2v`` and ``shapes_i2v``,
-motion and alignment rewards):
+For text-to-video and image-to-video, with the motion and alignment rewards:
 
 1. scores the shipped base model on held-out prompts (motion reward, % of clips making the
    asked motion, alignment; for image-to-video also how well it keeps the given frame);
-2. GRPO-trains it once per seed, the seeds in parallel processes (one CPU core each);
+2. trains it once per seed, the seeds in parallel processes (one CPU core each), with
+   DiffusionNFT (``--algorithm nft``, the default: configs ``shapes_t2v_nft`` /
+   ``shapes_i2v_nft``) or GRPO (``--algorithm grpo``: ``shapes_t2v`` / ``shapes_i2v``);
 3. scores every trained model on the same prompts with the same noise and prints before /
    after per seed, and writes side-by-side GIFs (each prompt: base, then each seed).
 
-    python -m dancegrpo.demo_video [--tasks t2v,i2v] [--seeds 0,1] [--steps N] [--out outputs/demo_video]
+    python -m dancegrpo.demo_video [--algorithm nft|grpo] [--tasks t2v,i2v] [--seeds 0,1] [--steps N]
+                                   [--out outputs/demo_video]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 GIF_PROMPTS = 16
+ALGORITHMS = {"nft": ("_nft", "NFT"), "grpo": ("", "GRPO")}   # config suffix, table label
 # (key, label, percent?) rows of the before / after table.
 ROWS = (
     ("reward_mean", "reward (weighted sum)", False),
@@ -57,7 +61,7 @@ def _config(name: str, out: Path, seed: int, args, progress: bool = True) -> obj
 
 
 def _train_seed(job: tuple) -> dict:
-    """One GRPO run in its own process: train, then evaluate; returns the stats and samples."""
+    """One training run in its own process: train, then evaluate; returns the stats and samples."""
     name, run_dir, seed, threads, progress, args = job
     torch.set_num_threads(threads)
     from .trainer import Trainer
@@ -76,8 +80,8 @@ def _side_by_side(before: torch.Tensor, afters: list[torch.Tensor]) -> torch.Ten
     return torch.stack([before, *afters], 1).flatten(0, 1)
 
 
-def _table(task: str, before: dict, afters: list[dict], seeds: list[int]) -> list[str]:
-    head = f"| {task} held-out | base | " + " | ".join(f"GRPO seed {s}" for s in seeds) + " |"
+def _table(task: str, before: dict, afters: list[dict], seeds: list[int], label: str) -> list[str]:
+    head = f"| {task} held-out | base | " + " | ".join(f"{label} seed {s}" for s in seeds) + " |"
     lines = [head, "|" + " --- |" * (2 + len(seeds))]
     for key, label, pct in ROWS:
         if key not in before:
@@ -89,10 +93,12 @@ def _table(task: str, before: dict, afters: list[dict], seeds: list[int]) -> lis
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algorithm", default="nft", choices=sorted(ALGORITHMS),
+                   help="nft: DiffusionNFT (shapes_<task>_nft); grpo: GRPO (shapes_<task>)")
     p.add_argument("--tasks", default="t2v,i2v", help="comma-separated: t2v, i2v")
-    p.add_argument("--seeds", default="0,1", help="comma-separated GRPO seeds, trained in parallel processes")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds, trained in parallel processes")
     p.add_argument("--out", default="outputs/demo_video")
-    p.add_argument("--steps", type=int, default=None, help="GRPO steps (default: each config's max_steps)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: each config's max_steps)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to score (default: config)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
@@ -113,31 +119,34 @@ def main(argv=None) -> int:
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configs = {t: _config(f"shapes_{t}", out / t / "base", seeds[0], args) for t in tasks}  # mistakes show first
+    suffix, label = ALGORITHMS[args.algorithm]
+    names = {t: f"shapes_{t}{suffix}" for t in tasks}
+    configs = {t: _config(names[t], out / t / "base", seeds[0], args) for t in tasks}  # mistakes show first
     threads = max(1, (os.cpu_count() or 1) // len(seeds))
     summary, markdown = {}, []
     for task in tasks:
         cfg = configs[task]
         print(f"\n== {task}: base model on {cfg.eval.num_prompts} held-out prompts ==", flush=True)
         before, before_samples = _evaluate(build_policy(cfg, torch.device("cpu")), cfg)
-        print(f"== {task}: GRPO, {cfg.max_steps} steps of {cfg.rollout.prompts_per_step} prompts x "
+        print(f"== {task}: {label} ({names[task]}), {cfg.max_steps} steps of {cfg.rollout.prompts_per_step} prompts x "
               f"{cfg.rollout.group_size} clips, seeds {seeds} in parallel ({threads} thread(s) each) ==", flush=True)
         t0 = time.time()
         # One progress bar (the first seed's): parallel bars would garble each other.
-        jobs = [(f"shapes_{task}", str(out / task / f"seed_{s}"), s, threads, i == 0, args) for i, s in enumerate(seeds)]
+        jobs = [(names[task], str(out / task / f"seed_{s}"), s, threads, i == 0, args) for i, s in enumerate(seeds)]
         with mp.get_context("spawn").Pool(len(seeds)) as pool:
             results = pool.map(_train_seed, jobs)
         wall = time.time() - t0
         afters = [r["stats"] for r in results]
         gif = save_grid(_side_by_side(before_samples, [r["samples"] for r in results]), out / f"{task}_before_after",
                         columns=2 * (1 + len(seeds)), fps=3)
-        lines = _table(task, before, afters, seeds)
+        lines = _table(task, before, afters, seeds, label)
         print("\n".join(lines), flush=True)
-        print(f"GRPO wall time {wall / 60:.1f} min; GIF (each prompt: base, " +
+        print(f"{label} wall time {wall / 60:.1f} min; GIF (each prompt: base, " +
               ", ".join(f"seed {s}" for s in seeds) + f"): {gif}", flush=True)
         summary[task] = {"before": before, "after": {str(r["seed"]): r["stats"] for r in results},
                          "train_seconds": {str(r["seed"]): r["train_seconds"] for r in results},
-                         "grpo_wall_seconds": round(wall, 1), "steps": cfg.max_steps, "gif": str(gif)}
+                         "train_wall_seconds": round(wall, 1), "steps": cfg.max_steps, "gif": str(gif),
+                         "algorithm": args.algorithm, "config": names[task]}
         markdown += lines + [""]
     summary["total_seconds"] = round(time.time() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

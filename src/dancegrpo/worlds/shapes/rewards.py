@@ -249,16 +249,36 @@ class MotionReward(_Reward):
     * reward = presence * follow * (0.5 + 0.5 smooth), presence the fraction of frames in
       which an object is found.
 
+    ``relative=True`` replaces follow by its share among every path the world knows (the
+    still one and each of ``MOTIONS``): ``follow(asked) / sum_m follow(m)``, the posterior
+    probability that the clip makes the asked motion when the deviation is Gaussian with the
+    tolerances as standard deviation and every motion equally likely a priori. It judges
+    what ``classify`` judges, softly: a clip that is closer to the asked path than to any other
+    scores near 1 even if it moves too little or too far, which gives GRPO a training signal
+    from the first clip that moves the right way (docs/shapes_video.md).
+
+    ``still_credit`` (with ``relative``): a clip asked to move earns this share of its
+    posterior of standing still, so one making another motion than asked scores below one that
+    stays still. Without it both score about 0, and GRPO, rewarded for (say) growing on
+    "growing" prompts and indifferent to it elsewhere, carries that motion over to every prompt.
+
     A prompt without a motion asks for a still object. Needs videos with at least 2 frames.
     """
 
     name = "motion"
 
-    def __init__(self, *, position_tol: float = 0.05, scale_tol: float = 0.07, jerk_tol: float = 0.03):
+    def __init__(self, *, position_tol: float = 0.05, scale_tol: float = 0.07, jerk_tol: float = 0.03,
+                 relative: bool = False, still_credit: float = 0.0):
         for k, v in (("position_tol", position_tol), ("scale_tol", scale_tol), ("jerk_tol", jerk_tol)):
             if not v > 0:
                 raise ValueError(f"MotionReward: {k} must be > 0, got {v}")
+        if not isinstance(relative, bool):
+            raise TypeError(f"MotionReward: relative must be a bool, got {relative!r}")
         self.position_tol, self.scale_tol, self.jerk_tol = float(position_tol), float(scale_tol), float(jerk_tol)
+        if not 0.0 <= still_credit < 1.0 or (still_credit and not relative):
+            raise ValueError(f"MotionReward: still_credit must be in [0, 1) and needs relative=True, "
+                             f"got still_credit={still_credit!r}, relative={relative!r}")
+        self.relative, self.still_credit = relative, float(still_credit)
 
     def _track(self, samples, prompts, fn: str, *, parse: bool = True):
         """The tracked path relative to the first frame (B, T, 3: dx, dy, log size), the
@@ -292,12 +312,16 @@ class MotionReward(_Reward):
         track, _, _, _ = self._track(samples, None, "MotionReward.classify", parse=False)
         return self._classify(track)
 
+    def _errors(self, track: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + len(MOTIONS)) mean squared deviation (tolerance units) from the still path,
+        then from each of ``MOTIONS``; inf where the object was never found."""
+        err = torch.stack([(self._deviation(track, [m] * track.shape[0]) / self._tol()).pow(2).sum(-1).mean(1)
+                           for m in (None, *MOTIONS)], 1)
+        return torch.nan_to_num(err, nan=math.inf)
+
     def _classify(self, track: torch.Tensor) -> list[str | None]:
         candidates = [None, *MOTIONS]
-        err = torch.stack([(self._deviation(track, [m] * track.shape[0]) / self._tol()).pow(2).sum(-1).mean(1)
-                           for m in candidates], 1)
-        err = torch.nan_to_num(err, nan=math.inf)
-        return [candidates[i] for i in err.argmin(1).tolist()]
+        return [candidates[i] for i in self._errors(track).argmin(1).tolist()]
 
     def correct(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """(B,) bool: the video makes the asked motion (``classify`` names it) with the object
@@ -313,6 +337,10 @@ class MotionReward(_Reward):
         b = len(specs)
         dev = self._deviation(track, [s.motion for s in specs])              # (B, T, 3)
         follow = torch.exp(-0.5 * (dev / self._tol()).pow(2).sum(-1).mean(1))
+        if self.relative:   # softmax over every path, in log space (far-off clips underflow exp)
+            asked = torch.tensor([(None, *MOTIONS).index(s.motion) for s in specs])
+            posterior = torch.softmax(-0.5 * self._errors(track), dim=1)
+            follow = posterior.gather(1, asked[:, None])[:, 0] + self.still_credit * (asked > 0) * posterior[:, 0]
         if t >= 3:
             jerk = dev[:, 2:] - 2 * dev[:, 1:-1] + dev[:, :-2]
             jtol = torch.tensor([self.jerk_tol, self.jerk_tol, 2 * self.jerk_tol])
