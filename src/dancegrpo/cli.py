@@ -182,17 +182,11 @@ def _eval_items(cfg, n: int):
 
 
 def _cmd_eval(args) -> int:
-    from .trainer.evaluate import evaluate_policy
-    from .trainer.policy import build_run_sampler
-    from .trainer.scoring import build_rewards
+    from .trainer.evaluate import evaluate_config
 
     overrides = _split_overrides(args)
     model, cfg, device = _policy(args, overrides)
-    e = cfg.eval
-    result = evaluate_policy(model, build_run_sampler(cfg, model), _eval_items(cfg, e.num_prompts),
-                             build_rewards(cfg.rewards), samples_per_prompt=e.samples_per_prompt, mode=e.mode,
-                             seed=e.seed, device=device, batch_size=e.batch_size,
-                             mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
+    result = evaluate_config(model, cfg, device=device)
     result["source"] = str(args.checkpoint or args.config)
     print(json.dumps(result))
     return 0

@@ -13,8 +13,8 @@ import torch
 from .rollout import collect_rollout
 from .scoring import WeightedReward, score_samples
 
-__all__ = ["generate", "evaluate_policy", "evaluate_samples", "evaluate_config", "evaluate_config_samples",
-           "first_samples", "best_of_n", "HeldoutEval"]
+__all__ = ["generate", "generate_as_eval", "evaluate_policy", "evaluate_samples", "evaluate_config",
+           "evaluate_config_samples", "first_samples", "best_of_n", "HeldoutEval"]
 
 
 def generate(model, sampler, items: Sequence, *, samples_per_prompt: int = 1, mode: str = "ode", seed: int = 0,
@@ -87,31 +87,37 @@ def evaluate_config(model, cfg, *, device="cpu", extra_rewards: Sequence[Weighte
 def evaluate_config_samples(model, cfg, *, device="cpu", extra_rewards: Sequence[WeightedReward] = ()):
     """``evaluate_config`` that also returns what it scored: ``(stats, samples, items)``, for
     callers that look at the samples themselves (grids, diagnostics) without generating twice."""
-    from .policy import build_run_dataset, build_run_sampler
+    from .policy import build_run_dataset
     from .scoring import build_rewards
 
     e = cfg.eval
     items = build_run_dataset(cfg, cfg.data.eval_split).fixed(e.num_prompts)
     rewards = build_rewards(cfg.rewards) + list(extra_rewards)
-    samples, prompts = generate(model, build_run_sampler(cfg, model), items, samples_per_prompt=e.samples_per_prompt,
-                                mode=e.mode, seed=e.seed, device=device, batch_size=e.batch_size,
-                                mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
+    samples, prompts = generate_as_eval(model, cfg, items, samples_per_prompt=e.samples_per_prompt, device=device)
     return evaluate_samples(samples, prompts, rewards, num_prompts=len(items)), samples, items
+
+
+def generate_as_eval(model, cfg, items: Sequence, *, samples_per_prompt: int = 1, device="cpu"):
+    """``generate`` on ``items`` the way ``cfg``'s evaluation does: the run's sampler in
+    ``cfg.eval.mode``, with its seed, batch size, precision and backend."""
+    from .policy import build_run_sampler
+
+    e = cfg.eval
+    return generate(model, build_run_sampler(cfg, model), items, samples_per_prompt=samples_per_prompt, mode=e.mode,
+                    seed=e.seed, device=device, batch_size=e.batch_size, mixed_precision=cfg.mixed_precision,
+                    backend=cfg.loss.backend)
 
 
 def first_samples(model, cfg, samples: torch.Tensor, n: int, *, device="cpu") -> torch.Tensor:
     """One sample for each of the first ``n`` fixed eval prompts (a grid): taken from
     ``evaluate_config_samples``'s ``samples`` when they cover ``n`` prompts, else generated with
     the evaluation's sampler, mode and seed."""
-    from .policy import build_run_dataset, build_run_sampler
+    from .policy import build_run_dataset
 
     e = cfg.eval
     if e.num_prompts >= n:
         return samples[::e.samples_per_prompt][:n]
-    items = build_run_dataset(cfg, cfg.data.eval_split).fixed(n)
-    out, _ = generate(model, build_run_sampler(cfg, model), items, mode=e.mode, seed=e.seed, device=device,
-                      batch_size=e.batch_size, mixed_precision=cfg.mixed_precision, backend=cfg.loss.backend)
-    return out
+    return generate_as_eval(model, cfg, build_run_dataset(cfg, cfg.data.eval_split).fixed(n), device=device)[0]
 
 
 class HeldoutEval:

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ...trainer.evaluate import evaluate_config_samples, generate
+from ...trainer.evaluate import evaluate_config_samples, generate_as_eval
 from ...trainer.scoring import WeightedReward
 from .dataset import PromptItem
 from .grammar import COLORS, SHAPES, parse_prompt
@@ -35,8 +35,6 @@ def contradicting(prompt: str) -> str:
 def evaluate_shapes(policy, cfg, *, device="cpu") -> tuple[dict, torch.Tensor]:
     """``evaluate_config`` of ``policy`` under ``cfg`` with the diagnostics above; returns the
     statistics and the evaluation's samples (generated once, scored and inspected)."""
-    from ...trainer.policy import build_run_sampler
-
     extra = [WeightedReward(AlignmentReward((a,)), 0.0, a) for a in ATTRIBUTES]
     extra.append(WeightedReward(AlignmentReward(("color", "shape")), 0.0, "color_shape"))
     if policy.video:
@@ -48,9 +46,7 @@ def evaluate_shapes(policy, cfg, *, device="cpu") -> tuple[dict, torch.Tensor]:
     given = torch.stack([it.image for it in items]).repeat_interleave(per, dim=0)
     stats["first_frame_error"] = float((samples[:, :, 0].float().cpu() - given).abs().mean())
     lying = [PromptItem(contradicting(it.text), it.image) for it in items]
-    kept_samples, _ = generate(policy, build_run_sampler(cfg, policy), lying, mode=cfg.eval.mode, seed=cfg.eval.seed,
-                               device=device, batch_size=cfg.eval.batch_size, mixed_precision=cfg.mixed_precision,
-                               backend=cfg.loss.backend)
+    kept_samples, _ = generate_as_eval(policy, cfg, lying, device=device)
     kept = AlignmentReward(("color", "shape")).correct(kept_samples, [it.text for it in items])
     stats["frame_trust_rate"] = float(kept.float().mean())
     return stats, samples

@@ -336,11 +336,12 @@ class MotionReward(_Reward):
         track, presence, specs, t = self._track(samples, prompts, type(self).__name__)
         b = len(specs)
         dev = self._deviation(track, [s.motion for s in specs])              # (B, T, 3)
-        follow = torch.exp(-0.5 * (dev / self._tol()).pow(2).sum(-1).mean(1))
         if self.relative:   # softmax over every path, in log space (far-off clips underflow exp)
             asked = torch.tensor([(None, *MOTIONS).index(s.motion) for s in specs])
             posterior = torch.softmax(-0.5 * self._errors(track), dim=1)
             follow = posterior.gather(1, asked[:, None])[:, 0] + self.still_credit * (asked > 0) * posterior[:, 0]
+        else:
+            follow = torch.exp(-0.5 * (dev / self._tol()).pow(2).sum(-1).mean(1))
         if t >= 3:
             jerk = dev[:, 2:] - 2 * dev[:, 1:-1] + dev[:, :-2]
             jtol = torch.tensor([self.jerk_tol, self.jerk_tol, 2 * self.jerk_tol])
