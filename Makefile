@@ -53,8 +53,8 @@ base-models: setup
 	$(PRETRAIN) --task i2v --frames 4 --steps 3000 --stop-after 1000 --batch 16 --lr 5e-4 --motion-weight 2 --seed 3 --init-image $(SHAPES_OUT)/t2i --out $(SHAPES_OUT)/i2v_stage1
 	$(PRETRAIN) --task i2v --steps 2000 --batch 16 --lr 4e-4 --motion-weight 2 --contradict 0.6 --seed 4 --init $(SHAPES_OUT)/i2v_stage1 --out $(SHAPES_OUT)/i2v
 
-# DiffusionNFT on the video models (text-to-video, image-to-video), two seeds side by side: before /
-# after tables and GIFs in outputs/demo_video (python -m dancegrpo.demo_video --algorithm grpo: GRPO).
+# GRPO on the video models (text-to-video, image-to-video), two seeds side by side: before /
+# after tables and GIFs in outputs/demo_video (python -m dancegrpo.demo_video --algorithm nft: DiffusionNFT).
 demo-video: setup
 	$(PY) -m dancegrpo.demo_video
 

@@ -1,6 +1,6 @@
 """`make demo-video`'s entry point, shortened: both video tasks, two seeds in parallel processes,
 base and trained models scored with the video diagnostics, tables and side-by-side GIFs written;
-DiffusionNFT by default, GRPO on request."""
+GRPO by default, DiffusionNFT on request."""
 
 import json
 
@@ -32,25 +32,31 @@ def test_demo_video_short_run(tmp_path, capsys):
         assert gif.n_frames == build_policy(task).frames
         # 16 prompts x (base + 2 seeds) tiles, 6 to a row: 8 rows of 64-px tiles with 2-px gaps.
         assert gif.size == (6 * 66 + 2, 8 * 66 + 2)
-        assert s["algorithm"] == "nft" and s["config"] == f"shapes_{task}_nft"
-        assert json.loads(metrics[0])["nft_positive_loss"] >= 0   # trained with DiffusionNFT's loss
+        assert s["algorithm"] == "grpo" and s["config"] == f"shapes_{task}"
+        m = json.loads(metrics[0])
+        assert "nft_positive_loss" not in m and m["trained_samples"] > 0 and m["kl"] >= 0   # GRPO, KL to the base
+        # The paired comparison: clips newly right / newly wrong add up to the change in the rate.
+        for a in s["after"].values():
+            assert a["motion_gained"] >= 0 and a["motion_lost"] >= 0
+            assert a["motion_change"] == pytest.approx((a["motion_gained"] - a["motion_lost"]) / 4)
+            assert a["motion_change"] == pytest.approx(a["correct_rate_motion"] - s["before"]["correct_rate_motion"])
     table = (out / "summary.md").read_text()
-    assert "| t2v held-out | base | NFT seed 0 | NFT seed 1 |" in table
-    assert "% keep a contradicted frame" in table
+    assert "| t2v held-out | base | GRPO seed 0 | GRPO seed 1 |" in table
+    assert "% keep a contradicted frame" in table and "| asked motion vs base: clips gained / lost | |" in table
     assert "% asked motion" in capsys.readouterr().out
 
 
-def test_demo_video_grpo(tmp_path):
+def test_demo_video_nft(tmp_path):
     out = tmp_path / "demo_video"
-    rc = demo_video.main(["--algorithm", "grpo", "--tasks", "t2v", "--steps", "1", "--eval-prompts", "2",
+    rc = demo_video.main(["--algorithm", "nft", "--tasks", "t2v", "--steps", "1", "--eval-prompts", "2",
                           "--seeds", "3", "--out", str(out), "rollout.prompts_per_step=1", "rollout.group_size=2",
                           "sampler.num_steps=3"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())["t2v"]
-    assert s["algorithm"] == "grpo" and s["config"] == "shapes_t2v" and set(s["after"]) == {"3"}
+    assert s["algorithm"] == "nft" and s["config"] == "shapes_t2v_nft" and set(s["after"]) == {"3"}
     metrics = json.loads((out / "t2v" / "seed_3" / "metrics.jsonl").read_text().splitlines()[0])
-    assert "nft_positive_loss" not in metrics and metrics["trained_samples"] > 0
-    assert "| t2v held-out | base | GRPO seed 3 |" in (out / "summary.md").read_text()
+    assert metrics["nft_positive_loss"] >= 0   # trained with DiffusionNFT's loss
+    assert "| t2v held-out | base | NFT seed 3 |" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -84,3 +90,32 @@ def test_nft_makes_the_t2v_base_move_as_asked(tmp_path):
     assert after["num_prompts"] == base["num_prompts"] == 128
     assert after["correct_rate_motion"] >= base["correct_rate_motion"] + 0.05, (after["correct_rate_motion"], base)
     assert after["reward_motion_mean"] >= base["reward_motion_mean"] + 0.02, (after["reward_motion_mean"], base)
+
+
+@pytest.mark.slow
+def test_grpo_makes_the_t2v_base_move_as_asked(tmp_path):
+    """The demo's claim for its default algorithm, at full length (about 6.5 minutes on one core):
+    GRPO with the shipped shapes_t2v config lifts the share of held-out clips making the asked
+    motion above the base's eval.json (measured with one thread, as the demo trains each seed:
+    26.6% -> 34.4% for seed 0 and for seed 1; the DanceGRPO-SDE config it replaced: 30.5%)."""
+    import torch
+
+    from dancegrpo.trainer import Trainer, load_config
+    from dancegrpo.worlds.shapes.evaluation import evaluate_shapes
+    from dancegrpo.worlds.shapes.policy import base_model_path
+
+    base = json.loads((base_model_path("t2v") / "eval.json").read_text())
+    cfg = load_config("shapes_t2v", [f"output_dir={tmp_path}", "device=cpu", "log.progress=false",
+                                     "checkpoint_every=1000", "seed=0"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+        after, _ = evaluate_shapes(trainer.model, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert after["num_prompts"] == base["num_prompts"] == 128
+    assert after["correct_rate_motion"] >= base["correct_rate_motion"] + 0.05, (after["correct_rate_motion"], base)
+    assert after["reward_motion_mean"] >= base["reward_motion_mean"] + 0.015, (after["reward_motion_mean"], base)
+    assert after["correct_rate_color"] >= base["correct_rate_color"], (after["correct_rate_color"], base)
